@@ -1,12 +1,14 @@
-"""Blockwise 4-bit quantize / dequantize on CPU: bit-identical to bitsandbytes, many times faster.
+"""Blockwise quantize / dequantize on CPU: bit-identical to bitsandbytes, many times faster.
 
+4-bit (NF4 / FP4, the weights) and 8-bit with a 256-entry code (the nested absmax of double quantization).
 The kernels are csrc/quant4.c, built as `qlora_kit._quant4` and loaded with ctypes (plain C, no Python API:
 ctypes drops the GIL for the call, and the C side splits blocks over torch.get_num_threads() OpenMP
-threads). When the library is missing -- no compiler at install time -- the same two functions run the
-torch path below, which is bitsandbytes' own torch kernel operation for operation: same bits, slower.
+threads). When the library is missing -- no compiler at install time -- the same functions run the torch
+paths below, which reproduce bitsandbytes operation for operation: same bits, slower.
 
-Layout (bitsandbytes'): codes packed two per byte, the first element in the high nibble, in a flat uint8
-tensor of ceil(n/2) bytes; one fp32 absmax per block of `blocksize` elements, ceil(n/blocksize) of them.
+4-bit layout (bitsandbytes'): codes packed two per byte, the first element in the high nibble, in a flat
+uint8 tensor of ceil(n/2) bytes; one fp32 absmax per block of `blocksize` elements, ceil(n/blocksize) of them.
+8-bit: one uint8 code per element, in the input's shape, and the same per-block absmax.
 """
 
 from __future__ import annotations
@@ -33,9 +35,14 @@ def _load() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(spec.origin)
         lib.q4_quantize.argtypes = [ptr, i32, i64, i64, ptr, ptr, i32, ptr, ptr, i32]
         lib.q4_dequantize.argtypes = [ptr, ptr, i64, i64, ptr, i32, ptr, i32]
+        lib.q8_build_lut.argtypes = [ptr, ptr]
+        lib.q8_quantize.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i32]
+        lib.q8_dequantize.argtypes = [ptr, ptr, i64, i64, ptr, ctypes.c_float, ptr, i32]
     except (OSError, AttributeError):  # another platform's build, no OpenMP runtime, or a stale build
         return None
     lib.q4_quantize.restype = lib.q4_dequantize.restype = i32
+    lib.q8_quantize.restype = lib.q8_dequantize.restype = i32
+    lib.q8_build_lut.restype = None
     return lib
 
 
@@ -147,3 +154,109 @@ def _torch_dequantize(
     if full < n:
         out[full:] = values[full:] * absmax[full // blocksize]
     return out.to(dtype)
+
+
+# ---- 8-bit: the nested absmax stage ----
+#
+# bitsandbytes' CPU C kernel, which is what its quantize_blockwise runs on CPU (its torch kernel, a nearest-code
+# search, gives other codes): the scaled value indexes a 65536-entry table over [-1, 1] built from the code's
+# midpoints. See csrc/quant4.c for every detail that decides bits; the torch fallback repeats each of them.
+
+LUT8_SIZE = 65536
+
+
+def _check8(code: torch.Tensor, blocksize: int, *tensors: torch.Tensor) -> None:
+    if blocksize <= 0:
+        raise ValueError(f"blocksize must be positive, got {blocksize}")
+    if code.shape != (256,) or code.dtype != torch.float32:
+        raise ValueError(f"code must be 256 fp32 values, got {tuple(code.shape)} {code.dtype}")
+    for t in (code, *tensors):
+        if t.device.type != "cpu":
+            raise ValueError(f"CPU tensors only, got one on {t.device}")
+
+
+@cache
+def _lut8(code_bytes: bytes) -> torch.Tensor:
+    code = torch.frombuffer(bytearray(code_bytes), dtype=torch.float32)
+    if not bool((code[1:] >= code[:-1]).all()):
+        raise ValueError("the 8-bit code must be sorted ascending (as bitsandbytes' dynamic map is)")
+    if _LIB is None:
+        # bitsandbytes' build loop: entry i is the number of midpoints below -1 + 2i/65535 (the code is sorted)
+        mids = (code[:-1] + code[1:]) * 0.5
+        values = -1.0 + (torch.arange(LUT8_SIZE, dtype=torch.float32) * 2.0) / (LUT8_SIZE - 1)
+        return torch.bucketize(values, mids).to(torch.uint8)
+    lut = torch.empty(LUT8_SIZE, dtype=torch.uint8)
+    _LIB.q8_build_lut(code.data_ptr(), lut.data_ptr())
+    return lut
+
+
+def quantize_blockwise(
+    A: torch.Tensor, code: torch.Tensor, blocksize: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 codes shaped like A, absmax fp32 [ceil(n/blocksize)]) for fp32 A, as bitsandbytes' CPU kernel.
+
+    `code` is the sorted 256-entry table (bitsandbytes.functional.create_dynamic_map()); any blocksize.
+    """
+    _check8(code, blocksize, A)
+    if A.dtype != torch.float32:
+        raise ValueError(f"8-bit blockwise quantization takes fp32, got {A.dtype}")
+    A = A.detach().contiguous()
+    lut = _lut8(code.detach().contiguous().numpy().tobytes())
+    if _LIB is None:
+        return _torch_quantize8(A, lut, blocksize)
+    n = A.numel()
+    out = torch.empty(A.shape, dtype=torch.uint8)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32)
+    rc = _LIB.q8_quantize(A.data_ptr(), n, blocksize, lut.data_ptr(), out.data_ptr(), absmax.data_ptr(),
+                          torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"q8_quantize rejected its arguments (n={n}, blocksize={blocksize})")
+    return out, absmax
+
+
+def dequantize_blockwise(
+    codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int = 256,
+    offset: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """fp32 code[q] * absmax[block], shaped like `codes`; plus `offset` when given, with the rounding of a
+    separate `+ offset` (the nested absmax is stored minus its mean). Equal to bitsandbytes' CPU result."""
+    _check8(code, blocksize, codes, absmax)
+    codes = codes.detach().contiguous().view(torch.uint8)
+    absmax = absmax.detach().float().contiguous().reshape(-1)
+    n = codes.numel()
+    if absmax.numel() < -(-n // blocksize):
+        raise ValueError(f"{absmax.numel()} scales are too few for {n} codes in blocks of {blocksize}")
+    # -0.0 is the one float whose addition changes nothing, -0.0 itself included
+    off = -0.0 if offset is None else float(offset)
+    code = code.detach().contiguous()
+    if _LIB is None:
+        return _torch_dequantize8(codes, absmax, code, blocksize, off)
+    out = torch.empty(codes.shape, dtype=torch.float32)
+    rc = _LIB.q8_dequantize(codes.data_ptr(), absmax.data_ptr(), n, blocksize, code.data_ptr(), off,
+                            out.data_ptr(), torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"q8_dequantize rejected its arguments (n={n}, blocksize={blocksize})")
+    return out
+
+
+def _torch_quantize8(A: torch.Tensor, lut: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = A.numel()
+    nblocks = -(-n // blocksize)
+    x = torch.nn.functional.pad(A.reshape(-1), (0, nblocks * blocksize - n)).view(nblocks, blocksize)
+    absmax = torch.where(x.isnan(), 0.0, x.abs()).amax(dim=1)  # NaN never wins; the padding is 0
+    v = x * (1.0 / absmax).view(-1, 1)
+    v = torch.nan_to_num(v, nan=-1.0).clamp(-1.0, 1.0)  # NaN goes where -1 goes, entry 0
+    t = (v + 1.0) * 0.5
+    index = (t.double() * 65535.0 + 0.5).float().long()  # exact in double, then fma's one rounding
+    q = torch.where((absmax == 0).view(-1, 1), 0, lut[index])
+    return q.reshape(-1)[:n].reshape(A.shape), absmax
+
+
+def _torch_dequantize8(
+    codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, offset: float
+) -> torch.Tensor:
+    n = codes.numel()
+    nblocks = -(-n // blocksize)
+    values = torch.nn.functional.pad(code[codes.reshape(-1).long()], (0, nblocks * blocksize - n))
+    out = values.view(nblocks, blocksize) * absmax[:nblocks].view(-1, 1) + offset
+    return out.reshape(-1)[:n].reshape(codes.shape)

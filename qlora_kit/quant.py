@@ -7,7 +7,8 @@ block, and with double quantization the absmax minus its mean quantized again wi
 blocks of 256 — so checkpoints move freely between qlora-kit, bitsandbytes and transformers.
 
 Kernels: on CPU our own (`_native`, bit-identical to bitsandbytes and much faster); on CUDA bitsandbytes'.
-The nested 8-bit stage is 1/64 of the data and always runs through bitsandbytes' blockwise kernels.
+That holds for the nested 8-bit stage too: it is only 1/64 of the data, but undoing it is part of every
+dequantize, and bitsandbytes' CPU blockwise call costs milliseconds however few the values.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 from bitsandbytes import functional as bnbf
@@ -59,6 +61,12 @@ def code_table(quant_type: str, device: torch.device | str = "cpu") -> torch.Ten
     return bnbf.get_4bit_type(quant_type, device=device)
 
 
+@cache
+def _dynamic_map() -> torch.Tensor:
+    """The 256 levels of the nested 8-bit stage: bitsandbytes' signed dynamic map, built by bitsandbytes."""
+    return bnbf.create_dynamic_map(signed=True)
+
+
 @dataclass
 class QuantizedWeight:
     """A frozen weight in 4 bits. `absmax` is fp32 per block, or uint8 codes when `nested_absmax` is set."""
@@ -91,9 +99,14 @@ class QuantizedWeight:
     def _nest(self) -> QuantizedWeight:
         # bitsandbytes centres the absmax values on their mean before the 8-bit stage; same torch ops, same bits.
         offset = self.absmax.mean()
-        qabsmax, state2 = bnbf.quantize_blockwise(self.absmax - offset, blocksize=NESTED_BLOCKSIZE)
+        if self.device.type == "cpu":
+            code = _dynamic_map().clone()  # each weight owns its table, as bitsandbytes' QuantState does
+            qabsmax, nested_absmax = _native.quantize_blockwise(self.absmax - offset, code, NESTED_BLOCKSIZE)
+        else:
+            qabsmax, state2 = bnbf.quantize_blockwise(self.absmax - offset, blocksize=NESTED_BLOCKSIZE)
+            nested_absmax, code = state2.absmax, state2.code
         self.absmax, self.offset = qabsmax, offset
-        self.nested_absmax, self.nested_code = state2.absmax, state2.code
+        self.nested_absmax, self.nested_code = nested_absmax, code
         return self
 
     @property
@@ -112,6 +125,10 @@ class QuantizedWeight:
         """Per-block scales in fp32, undoing the nested 8-bit stage when there is one."""
         if self.nested_absmax is None:
             return self.absmax
+        if self.device.type == "cpu":
+            return _native.dequantize_blockwise(
+                self.absmax, self.nested_absmax, self.nested_code, NESTED_BLOCKSIZE, offset=self.offset
+            )
         absmax = bnbf.dequantize_blockwise(
             self.absmax, absmax=self.nested_absmax, code=self.nested_code, blocksize=NESTED_BLOCKSIZE
         )

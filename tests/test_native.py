@@ -1,9 +1,10 @@
 """_native against bitsandbytes: the same packed codes, absmax and dequantized values, bit for bit.
 
 Each test runs twice: on the C kernels and on the torch fallback (the library hidden), which must agree too.
-References are bitsandbytes' CPU ops: its torch quantize kernel, and for dequantize both the public
+References are bitsandbytes' CPU ops: for 4 bits its torch quantize kernel, and for dequantize both the public
 `dequantize_4bit` and the reference kernel its CPU backend falls back to (`_dequantize_4bit_compute`, called
-eagerly to skip a torch.compile per shape).
+eagerly to skip a torch.compile per shape); for 8 bits the public quantize_blockwise / dequantize_blockwise,
+which on CPU run its C kernels (a table lookup, not the nearest-code search of its torch kernel).
 """
 
 import math
@@ -227,3 +228,147 @@ def test_rejects_what_it_cannot_do():
     packed, absmax = _native.quantize_4bit(A, 64, "nf4")
     with pytest.raises(ValueError, match="too few"):
         _native.dequantize_4bit(packed, absmax, 64, "nf4", (2, 64), torch.float32)
+
+
+# ---- 8-bit blockwise (the nested absmax stage) against bitsandbytes' CPU C kernels ----
+
+CODE8 = bnbf.create_dynamic_map(signed=True)
+BLOCKSIZES8 = [32, 64, 256, 4096, 100]  # bitsandbytes' CPU kernel takes any blocksize, so do we
+SHAPES8 = [(1,), (255,), (256,), (3, 300), (70001,)]  # one element, tails, several blocks
+
+
+def assert_quantize8_matches(A, blocksize=256):
+    codes, absmax = _native.quantize_blockwise(A, CODE8, blocksize)
+    ref_codes, state = bnbf.quantize_blockwise(A, code=CODE8, blocksize=blocksize)
+    assert torch.equal(codes, ref_codes), f"codes differ for {tuple(A.shape)} bs={blocksize}"
+    assert same_bits(absmax, state.absmax), f"absmax differs for {tuple(A.shape)} bs={blocksize}"
+    return codes, absmax
+
+
+def unit_blocks(values):
+    """`values` in blocks of 256 whose absmax is exactly 1, so each value is itself the scaled value."""
+    rows = -(-values.numel() // 255)
+    values = torch.nn.functional.pad(values, (0, rows * 255 - values.numel())).view(rows, 255)
+    return torch.cat([torch.ones(rows, 1), values], dim=1).reshape(-1)
+
+
+def test_lut8_is_bitsandbytes_table_either_way(monkeypatch):
+    if not _native.HAVE_NATIVE:
+        pytest.skip("qlora_kit._quant4 was not built")
+    key = CODE8.numpy().tobytes()
+    native = _native._lut8.__wrapped__(key)
+    monkeypatch.setattr(_native, "_LIB", None)
+    assert torch.equal(native, _native._lut8.__wrapped__(key))
+
+
+@pytest.mark.parametrize("blocksize", BLOCKSIZES8)
+def test_quantize8_bit_identical(backend, blocksize):
+    for seed, shape in enumerate(SHAPES8):
+        A = weights(shape, torch.float32, seed)  # many decades, every seventh block of 32 all zero
+        assert_quantize8_matches(A - A.mean(), blocksize)  # centred, as the nested stage is
+
+
+def test_quantize8_on_every_table_step_code_and_midpoint(backend):
+    """Scaled values v on both sides of every step of bitsandbytes' table index, and the 256 codes and 255
+    midpoints with two ulps either side. The index is a function of t = (v + 1) / 2, which lies on a grid of
+    2^-25 (below 1/2) or 2^-24, so the steps are approached on that grid: ulps of v near 0 are far finer and
+    would all land on one t. (A sweep of all 2^31 floats in [-1, 1], too slow to keep here, matched too.)"""
+    t_step = (torch.arange(65537, dtype=torch.float64) - 0.5) / 65535  # t * 65535 + 0.5 is an integer
+    grid = torch.where(t_step < 0.5, 2.0**-25, 2.0**-24)
+    t = torch.cat([(torch.floor(t_step / grid) + j) * grid for j in (-1, 0, 1, 2)])
+    steps = (2 * t - 1).clamp(-1, 1).float()  # exact: v + 1 == 2t in fp32 too
+    near = torch.cat([CODE8, (CODE8[:-1] + CODE8[1:]) * 0.5])
+    up, down, values = near, near, [steps, near]
+    for _ in range(2):
+        up, down = torch.nextafter(up, torch.tensor(2.0)), torch.nextafter(down, torch.tensor(-2.0))
+        values += [up, down]
+    assert_quantize8_matches(unit_blocks(torch.cat(values).clamp(-1, 1)))
+
+
+def test_quantize8_extreme_values(backend):
+    torch.manual_seed(2)
+    n = 3 * 256 + 17
+    sign = torch.randn(n).sign()
+    cases = {
+        "zeros": torch.zeros(n),
+        "negative zeros": -torch.zeros(n),
+        "huge": sign * 3e38 * torch.rand(n),
+        "subnormal": sign * 1e-45 * torch.randint(0, 4, (n,)),  # 1/absmax overflows to inf
+        "tiny normal": sign * 2e-38 * torch.rand(n),
+        "all decades": torch.randn(n) * torch.logspace(-45, 38, n),
+        "equal magnitudes": sign * 0.75,  # x * (1/absmax) rounds past 1 for some absmax: the clamp
+        "thirds": sign * 3.0 * torch.randint(0, 4, (n,)),
+    }
+    for name, A in cases.items():
+        for blocksize in (64, 256):
+            assert_quantize8_matches(A, blocksize)
+
+
+def test_quantize8_nan_and_inf(backend):
+    """NaN never becomes the absmax and gets code 0; an inf absmax scales everything to 0 or NaN."""
+    A = torch.randn(1000)
+    A[[3, 300]], A[600], A[[700, 701]] = float("nan"), float("inf"), -float("inf")
+    A[256:512][::2] = float("nan")
+    A[512:768] = float("nan")  # a block of nothing but NaN: absmax 0, codes 0
+    assert_quantize8_matches(A)
+
+
+@pytest.mark.parametrize("blocksize", BLOCKSIZES8)
+def test_dequantize8_bit_identical(backend, blocksize):
+    torch.manual_seed(blocksize)
+    for shape in SHAPES8:
+        n = math.prod(shape)
+        codes = torch.randint(0, 256, shape, dtype=torch.uint8)
+        nblocks = -(-n // blocksize)
+        absmax = torch.logspace(-45, 38, nblocks)[torch.randperm(nblocks)]
+        absmax[::5] = 0
+        ref = bnbf.dequantize_blockwise(codes, absmax=absmax, code=CODE8, blocksize=blocksize)
+        assert same_bits(_native.dequantize_blockwise(codes, absmax, CODE8, blocksize), ref)
+        for offset in (torch.tensor(0.0123), torch.tensor(-3e-5), torch.tensor(0.0)):
+            out = _native.dequantize_blockwise(codes, absmax, CODE8, blocksize, offset=offset)
+            assert same_bits(out, ref + offset)
+
+
+def test_roundtrip8_nested_absmax_as_bitsandbytes_stores_it(backend):
+    """The nested stage itself: absmax minus its mean, 8 bits in blocks of 256, back with the mean added."""
+    absmax = weights((5000,), torch.float32).abs() + 0.01
+    offset = absmax.mean()
+    codes, nested = assert_quantize8_matches(absmax - offset)
+    ref = bnbf.dequantize_blockwise(codes, absmax=nested, code=CODE8, blocksize=256) + offset
+    assert same_bits(_native.dequantize_blockwise(codes, nested, CODE8, 256, offset=offset), ref)
+
+
+@pytest.mark.skipif(not _native.HAVE_NATIVE, reason="qlora_kit._quant4 was not built")
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_native8_equals_fallback_on_a_large_tensor_any_thread_count(threads, monkeypatch):
+    A = weights((1031, 1031), torch.float32)  # 2^20 values: work split over threads, uneven, with a tail
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    native = _native.quantize_blockwise(A, CODE8, 256)
+    native_out = _native.dequantize_blockwise(*native, CODE8, 256, offset=0.5)
+    monkeypatch.setattr(_native, "_LIB", None)
+    fallback = _native.quantize_blockwise(A, CODE8, 256)
+    assert torch.equal(native[0], fallback[0]) and same_bits(native[1], fallback[1])
+    assert same_bits(native_out, _native.dequantize_blockwise(*fallback, CODE8, 256, offset=0.5))
+
+
+def test_empty_tensor8(backend):
+    codes, absmax = _native.quantize_blockwise(torch.empty(0), CODE8, 256)
+    assert codes.shape == (0,) and absmax.shape == (0,)
+    assert _native.dequantize_blockwise(codes, absmax, CODE8, 256).shape == (0,)
+
+
+def test_rejects_what_it_cannot_do8():
+    A = torch.randn(300)
+    with pytest.raises(ValueError, match="fp32"):
+        _native.quantize_blockwise(A.bfloat16(), CODE8, 256)
+    with pytest.raises(ValueError, match="256 fp32"):
+        _native.quantize_blockwise(A, CODE8[:16], 256)
+    with pytest.raises(ValueError, match="sorted"):
+        _native.quantize_blockwise(A, CODE8.flip(0), 256)
+    with pytest.raises(ValueError, match="blocksize"):
+        _native.quantize_blockwise(A, CODE8, 0)
+    with pytest.raises(ValueError, match="CPU"):
+        _native.quantize_blockwise(A.to("meta"), CODE8, 256)
+    codes, absmax = _native.quantize_blockwise(A, CODE8, 256)
+    with pytest.raises(ValueError, match="too few"):
+        _native.dequantize_blockwise(codes, absmax[:1], CODE8, 256)

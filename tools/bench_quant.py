@@ -11,16 +11,23 @@ bit for bit before any time is printed:
                     quantize_blockwise(absmax - offset, blocksize=256)   (the nested stage: bnb's C kernel)
   dequantize  bnb   bitsandbytes.functional.dequantize_4bit(packed, state)
               ours  absmax = dequantize_blockwise(nested) + offset; _native.dequantize_4bit(...)
+  nested      the 8-bit stage alone, on the same centred absmax (what QuantizedWeight runs on CPU):
+              bnb   quantize_blockwise(absmax - offset, blocksize=256); dequantize_blockwise(...) + offset
+              ours  _native.quantize_blockwise / _native.dequantize_blockwise(..., offset=offset)
+              rated per weight parameter, like the rows above; dequantize runs on every forward and backward
 Timings are the best of --repeats after one untimed call each; --threads sets torch's thread count (default:
 torch's), which both bitsandbytes' torch ops and our kernels use.
 """
 
 import argparse
+import json
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable
 from importlib import metadata
+from pathlib import Path
 
 import torch
 from bitsandbytes import functional as bnbf
@@ -63,6 +70,28 @@ def check_quantize(ours, bnb) -> None:
     assert torch.equal(offset, state.offset), "absmax offset differs from bitsandbytes"
 
 
+def bench_nested(absmax: torch.Tensor, repeats: int) -> list[tuple[str, float, float]]:
+    """(row, bnb seconds, ours seconds) for the nested 8-bit stage on one weight's absmax, results asserted equal."""
+    offset = absmax.mean()
+    centred = absmax - offset
+    code = bnbf.create_dynamic_map(signed=True)
+    t_bnb_q, (bnb_codes, bnb_state) = best_of(
+        lambda: bnbf.quantize_blockwise(centred, code=code, blocksize=NESTED_BLOCKSIZE), repeats
+    )
+    t_ours_q, (codes, scales) = best_of(lambda: _native.quantize_blockwise(centred, code, NESTED_BLOCKSIZE), repeats)
+    assert torch.equal(codes, bnb_codes), "nested codes differ from bitsandbytes"
+    assert torch.equal(scales.view(torch.int32), bnb_state.absmax.view(torch.int32)), "nested scales differ"
+    t_bnb_d, bnb_out = best_of(lambda: bnbf.dequantize_blockwise(bnb_codes, bnb_state) + offset, repeats)
+    t_ours_d, out = best_of(
+        lambda: _native.dequantize_blockwise(codes, scales, code, NESTED_BLOCKSIZE, offset=offset), repeats
+    )
+    assert torch.equal(out.view(torch.int32), bnb_out.view(torch.int32)), "nested absmax differs from bitsandbytes"
+    return [
+        ("nested stage: quantize (8-bit absmax)", t_bnb_q, t_ours_q),
+        ("nested stage: dequantize", t_bnb_d, t_ours_d),
+    ]
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -85,6 +114,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=DTYPES, default="bf16")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per contender; the best counts")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, both sides")
+    parser.add_argument("--json", type=Path, help="also write the rows here, for tools/bench.py")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
@@ -108,11 +138,21 @@ def main() -> None:
         "dim is a multiple of 16 but not of the blocksize; ours follows its reference kernel)"
     )
 
+    nested = bench_nested(_native.quantize_4bit(w, BLOCKSIZE, QUANT_TYPE)[1], args.repeats)
+
     print("| op | bitsandbytes Mparam/s | qlora_kit Mparam/s | speed-up |")
     print("|---|---:|---:|---:|")
-    for op, t_bnb, t_ours in (("quantize + double quant", t_bnb_q, t_ours_q), ("dequantize", t_bnb_d, t_ours_d)):
+    rows = (("quantize + double quant", t_bnb_q, t_ours_q), ("dequantize", t_bnb_d, t_ours_d), *nested)
+    for op, t_bnb, t_ours in rows:
         print(f"| {op} | {mparams / t_bnb:,.0f} | {mparams / t_ours:,.0f} | {t_bnb / t_ours:.1f}x |")
-    print("\nresults bit-identical to bitsandbytes (packed codes, nested absmax, offset; dequantized values)")
+    print("\nresults bit-identical to bitsandbytes (packed codes, nested absmax, offset; dequantized values; "
+          "the nested stage on its own)")
+    if args.json:
+        command = "python tools/bench_quant.py " + " ".join(sys.argv[1:])
+        args.json.write_text(json.dumps([
+            {"name": f"NF4 {op}, Mparam/s", "ours": mparams / t_ours, "peer": mparams / t_bnb, "unit": "Mparam/s",
+             "better": "higher", "ratio": t_bnb / t_ours, "command": command} for op, t_bnb, t_ours in rows
+        ], indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-/* Blockwise 4-bit (NF4 / FP4) quantize and dequantize on CPU, bit-identical to bitsandbytes.
+/* Blockwise 4-bit (NF4 / FP4) quantize and dequantize on CPU, bit-identical to bitsandbytes; and at the end of
+ * the file the 8-bit blockwise pair that double quantization applies to the absmax values, likewise.
  *
- * The reference is bitsandbytes' torch kernels (backends/default/ops.py): an fp32 absmax per block, a
+ * The 4-bit reference is bitsandbytes' torch kernels (backends/default/ops.py): an fp32 absmax per block, a
  * reciprocal-then-multiply scale for full blocks but a true division for the tail block, torch.bucketize
  * against the 15 code midpoints, and code[q] * absmax in fp32 on the way back. Every float operation here
  * is that same IEEE operation, so results match to the bit. Hence: never build this file with -ffast-math,
@@ -279,12 +280,12 @@ static void want_huge_pages(void *p, int64_t bytes) {
 #endif
 }
 
-/* Threads worth waking: one per Q4_MIN_PER_THREAD elements at most. Below that the wake-up and the join cost
+/* Threads worth waking: one per `min_per_thread` elements at most. Below that the wake-up and the join cost
  * more than they save -- on a busy machine a join can wait a whole scheduler time slice. */
 enum { Q4_MIN_PER_THREAD = 1 << 18 };
 
-static int workers(int64_t n, int64_t nblocks, int nthreads) {
-    int64_t w = n / Q4_MIN_PER_THREAD;
+static int workers(int64_t n, int64_t nblocks, int nthreads, int64_t min_per_thread) {
+    int64_t w = n / min_per_thread;
     w = w < nblocks ? w : nblocks;
     w = w < nthreads ? w : nthreads;
     return w < 1 ? 1 : (int)w;
@@ -323,7 +324,7 @@ int q4_quantize(const void *src, int dtype, int64_t n, int64_t blocksize, const 
     const int64_t nblocks = (n + blocksize - 1) / blocksize;
     want_huge_pages(packed_out, (n + 1) / 2);
     want_huge_pages(absmax_out, nblocks * (int64_t)sizeof(float));
-#pragma omp parallel num_threads(workers(n, nblocks, nthreads))
+#pragma omp parallel num_threads(workers(n, nblocks, nthreads, Q4_MIN_PER_THREAD))
     {
         int64_t b0, b1;
         my_blocks(nblocks, &b0, &b1);
@@ -339,11 +340,123 @@ int q4_dequantize(const uint8_t *packed, const float *absmax, int64_t n, int64_t
     if (!valid(dtype, n, blocksize)) return -1;
     const int64_t nblocks = (n + blocksize - 1) / blocksize;
     want_huge_pages(out, n * (dtype == Q4_F32 ? 4 : 2));
-#pragma omp parallel num_threads(workers(n, nblocks, nthreads))
+#pragma omp parallel num_threads(workers(n, nblocks, nthreads, Q4_MIN_PER_THREAD))
     {
         int64_t b0, b1;
         my_blocks(nblocks, &b0, &b1);
         dequant_range(packed, absmax, n, blocksize, b0, b1, code, dtype, out);
+    }
+    return 0;
+}
+
+/* ---- 8-bit blockwise: the nested stage of double quantization ----
+ *
+ * The reference here is bitsandbytes' CPU C kernel (cquantize_blockwise_cpu_fp32 / cdequantize_blockwise_cpu_fp32
+ * in 0.50), which is what its quantize_blockwise / dequantize_blockwise run on CPU, and it does not search for
+ * the nearest code as its torch kernel does: it looks the scaled value up in a 65536-entry table over [-1, 1],
+ * so values within one table step share a code -- with the dynamic map 0.0 becomes code 131 (2.1e-5), not 127
+ * (0.0). What decides bits, all reproduced below: the absmax is a `>` max from -inf, so NaN never wins; a block
+ * whose absmax is 0 gets codes 0; every block, the tail included, is scaled by x * (1/absmax); the scaled value
+ * is clamped to [-1, 1] and the table index is trunc(fma((v + 1) * 0.5, 65535, 0.5)), a fused multiply-add in
+ * bitsandbytes' build, a NaN landing on entry 0. Found by disassembling its libbitsandbytes_cpu.so and checked
+ * against it on every float in [-1, 1] (tests/test_native.py keeps the cheap part of that). */
+enum { Q8_LUT = 65536, Q8_NCODES = 256, Q8_W = 64 };
+
+/* A nested absmax is 1/64 of its weight (704k values for 4096 x 11008): well under a millisecond of work, which
+ * a second thread would turn into a join on a busy machine. Split only far larger inputs. */
+enum { Q8_MIN_PER_THREAD = 1 << 21 };
+
+/* The table for a sorted 256-entry code: entry i holds the first code whose midpoint with the next is not
+ * below -1 + 2i/65535, as bitsandbytes builds it (the same float operations, in the same order). */
+void q8_build_lut(const float *code, uint8_t *lut) {
+    float mid[Q8_NCODES - 1];
+    for (int k = 0; k < Q8_NCODES - 1; k++) mid[k] = 0.5f * (code[k] + code[k + 1]);
+    int k = 0;
+    for (int i = 0; i < Q8_LUT; i++) {
+        const float v = -1.0f + (2.0f * (float)i) / (float)(Q8_LUT - 1);
+        while (k < Q8_NCODES - 1 && mid[k] < v) k++;
+        lut[i] = (uint8_t)k;
+    }
+}
+
+/* The table index of a scaled value. The clamp selects bits under masks (a `?:` on floats does not vectorize),
+ * and sends NaN to -1, whose index is 0 as well. The fma is done in double instead, which is exact: v + 1 is a
+ * multiple of 2^-24 below 2, so t * 65535 + 0.5 needs under 42 bits, and rounding that exact value to float is
+ * the fma's one rounding -- with no need for FMA hardware. */
+static inline int32_t q8_index(float v) {
+    const uint32_t low = -(uint32_t)!(v >= -1.0f), high = -(uint32_t)(v > 1.0f);
+    v = from_bits((to_bits(v) & ~(low | high)) | (to_bits(-1.0f) & low) | (to_bits(1.0f) & high));
+    const float t = (v + 1.0f) * 0.5f;
+    return (int32_t)(float)((double)t * 65535.0 + 0.5);
+}
+
+static inline void q8_block(const float *x, int64_t len, const uint8_t *lut, uint8_t *out, float *absmax) {
+    uint32_t m = 0;
+    for (int64_t i = 0; i < len; i++) {
+        const uint32_t a = abs_bits(x[i]), u = a & -(uint32_t)(a <= 0x7f800000u); /* NaN never wins */
+        m = u > m ? u : m;
+    }
+    const float am = from_bits(m);
+    *absmax = am;
+    if (am == 0.0f) {
+        memset(out, 0, (size_t)len);
+        return;
+    }
+    const float inv = 1.0f / am;
+    for (int64_t c = 0; c < len; c += Q8_W) { /* indices a vector at a time, then the table reads */
+        const int w = len - c < Q8_W ? (int)(len - c) : Q8_W;
+        int32_t idx[Q8_W];
+        for (int i = 0; i < w; i++) idx[i] = q8_index(x[c + i] * inv);
+        for (int i = 0; i < w; i++) out[c + i] = lut[idx[i]];
+    }
+}
+
+Q4_CLONES
+static void q8_quant_range(const float *src, int64_t n, int64_t bs, int64_t b0, int64_t b1, const uint8_t *lut,
+                           uint8_t *out, float *absmax) {
+    for (int64_t b = b0; b < b1; b++) {
+        const int64_t off = b * bs, len = n - off < bs ? n - off : bs;
+        q8_block(src + off, len, lut, out + off, absmax + b);
+    }
+}
+
+Q4_CLONES
+static void q8_dequant_range(const uint8_t *restrict q, const float *restrict absmax, int64_t n, int64_t bs,
+                             int64_t b0, int64_t b1, const float *restrict code, float offset,
+                             float *restrict out) {
+    for (int64_t b = b0; b < b1; b++) {
+        const int64_t off = b * bs, len = n - off < bs ? n - off : bs;
+        const float scale = absmax[b];
+        for (int64_t i = off; i < off + len; i++) out[i] = code[q[i]] * scale + offset;
+    }
+}
+
+/* Quantize n fp32 values in blocks of `blocksize` (any positive size) with the table from q8_build_lut: one code
+ * per value into out, ceil(n/blocksize) scales into absmax_out. Returns 0, or -1 for invalid arguments. */
+int q8_quantize(const float *src, int64_t n, int64_t blocksize, const uint8_t *lut, uint8_t *out, float *absmax_out,
+                int nthreads) {
+    if (n < 0 || blocksize <= 0) return -1;
+    const int64_t nblocks = (n + blocksize - 1) / blocksize;
+#pragma omp parallel num_threads(workers(n, nblocks, nthreads, Q8_MIN_PER_THREAD))
+    {
+        int64_t b0, b1;
+        my_blocks(nblocks, &b0, &b1);
+        q8_quant_range(src, n, blocksize, b0, b1, lut, out, absmax_out);
+    }
+    return 0;
+}
+
+/* out = code[q] * absmax[block] + offset in fp32, the two roundings of bitsandbytes' dequantize followed by
+ * torch's `+ offset`. Pass offset -0.0 for none: x + -0.0 is x for every x, -0.0 included. Returns 0 or -1. */
+int q8_dequantize(const uint8_t *q, const float *absmax, int64_t n, int64_t blocksize, const float *code, float offset,
+                  float *out, int nthreads) {
+    if (n < 0 || blocksize <= 0) return -1;
+    const int64_t nblocks = (n + blocksize - 1) / blocksize;
+#pragma omp parallel num_threads(workers(n, nblocks, nthreads, Q8_MIN_PER_THREAD))
+    {
+        int64_t b0, b1;
+        my_blocks(nblocks, &b0, &b1);
+        q8_dequant_range(q, absmax, n, blocksize, b0, b1, code, offset, out);
     }
     return 0;
 }
