@@ -89,7 +89,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from qlora_kit.plan import plan_report
+    from qlora_kit.fit import plan_report
 
     report = plan_report(args.source, args.overrides, gpu_gib=args.gpu, fit=args.fit,
                          attn_implementation=args.attn, device=args.device)

@@ -25,9 +25,8 @@ from qlora_kit.errors import ConfigError
 from qlora_kit.loader import load_quantized
 from qlora_kit.lora import LoraConfig, QLinear, lora_parameters
 from qlora_kit.optim import make_optimizer
-from qlora_kit.plan import (
-    GiB, ModelShape, Settings, plan_memory, plan_report, propose_fit, quantized_nbytes, read_model_config,
-)
+from qlora_kit.fit import plan_report, propose_fit
+from qlora_kit.plan import GiB, ModelShape, Settings, plan_memory, quantized_nbytes, read_model_config
 from qlora_kit.quant import QuantConfig, QuantizedWeight
 
 from conftest import ARCHS, REPO
