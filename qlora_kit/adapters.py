@@ -86,6 +86,8 @@ def _atomic(path: Path, write) -> None:
 def read_adapter_config(adapter_dir: Path) -> tuple[LoraConfig, dict]:
     """The LoraConfig of a PEFT adapter directory, plus the raw JSON (for base_model_name_or_path and friends)."""
     path = adapter_dir / CONFIG_NAME
+    if not adapter_dir.is_dir():
+        raise CheckpointError(f"{adapter_dir}: no such adapter directory (it holds {CONFIG_NAME} and {WEIGHTS_NAME})")
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; an adapter directory needs adapter_config.json")
     try:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from qlora_kit.errors import CheckpointError
@@ -30,6 +31,7 @@ _DTYPES = {
     "BOOL": torch.bool,
 }
 _MAX_HEADER = 100 * 1024 * 1024
+WRITE_ERRORS = (OSError, SafetensorError)  # a full disk reaches safetensors' callers as SafetensorError
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
     "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
@@ -150,7 +152,9 @@ class TensorReader:
 class AtomicDir:
     """A directory that appears under its final name only when complete: built in a sibling temp dir, renamed.
 
-    An interrupted run leaves only `.<name>.tmp-*` beside the target, never a directory that looks finished.
+    An interrupted run leaves only `.<name>.tmp-*` beside the target, never a directory that looks finished (the
+    next successful one removes them); a failed write (a full disk) removes the temp dir and becomes one
+    CheckpointError naming the target.
     """
 
     def __init__(self, target: Path, overwrite: bool = False) -> None:
@@ -165,6 +169,9 @@ class AtomicDir:
         try:
             parent.mkdir(parents=True, exist_ok=True)
             self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=parent))
+            umask = os.umask(0o022)
+            os.umask(umask)
+            os.chmod(self.path, 0o777 & ~umask)  # mkdtemp's is owner-only; the result should read like any new dir
         except OSError as e:
             raise CheckpointError(f"{parent}: cannot create the output directory ({e.strerror})") from None
         return self.path
@@ -172,10 +179,17 @@ class AtomicDir:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             shutil.rmtree(self.path, ignore_errors=True)
+            if issubclass(exc_type, WRITE_ERRORS):
+                why = getattr(exc, "strerror", None) or str(exc)
+                raise CheckpointError(f"{self.target}: writing it failed ({why}); nothing was kept. Is the disk "
+                                      "full? Free some space and run the same command again") from exc
             return
-        if self.target.exists():
-            shutil.rmtree(self.target)
+        old = self.path.with_name(self.path.name + "-old")
+        if self.target.exists():  # renamed away, not deleted in place: a kill never leaves half the old one
+            os.replace(self.target, old)
         os.replace(self.path, self.target)
+        for stale in [old, *self.target.parent.glob(f".{self.target.name}.tmp-*")]:  # left by killed runs
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 class ShardWriter:
@@ -203,10 +217,7 @@ class ShardWriter:
 
     def _flush(self) -> None:
         path = self.out_dir / f"shard-{len(self._shards):05d}.partial"
-        try:
-            save_file(self._pending, str(path), metadata={"format": "pt"})
-        except OSError as e:
-            raise CheckpointError(f"{self.out_dir}: writing a shard failed ({e.strerror}); is the disk full?") from None
+        save_file(self._pending, str(path), metadata={"format": "pt"})  # a failed write: see AtomicDir
         self._shards.append(list(self._pending))
         self._pending, self._pending_bytes = {}, 0
 

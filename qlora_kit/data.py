@@ -210,7 +210,8 @@ def ensure_pad_token(tokenizer: Any) -> int:
     if tokenizer.pad_token_id is not None:
         return tokenizer.pad_token_id
     if tokenizer.eos_token_id is None:
-        raise DataError("the tokenizer has neither a pad nor an eos token; give the checkpoint's tokenizer a pad token")
+        where = getattr(tokenizer, "name_or_path", "") or "tokenizer"
+        raise DataError(f"{where}: the tokenizer has neither a pad nor an eos token; set a pad_token in its config")
     log.info("tokenizer has no pad token; padding with eos %r", tokenizer.eos_token)
     tokenizer.pad_token = tokenizer.eos_token
     return tokenizer.pad_token_id

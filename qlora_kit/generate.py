@@ -60,6 +60,8 @@ def read_prompt_file(path: Path) -> list[dict]:
             raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}:{n}: expected a JSON object")
+        if not {"prompt", "instruction", "messages"} & row.keys():
+            raise DataError(f"{path}:{n}: each row needs 'prompt', 'instruction' (alpaca) or 'messages'")
         rows.append(row)
     if not rows:
         raise DataError(f"{path}: no prompts")

@@ -8,6 +8,7 @@ name and renamed when complete, so the newest `step-N` is always whole, whatever
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -45,7 +46,10 @@ def save_checkpoint(trainer: Trainer, keep: int) -> Path:
         return target
     with AtomicDir(target) as tmp:
         save_adapter(trainer.model, tmp, trainer.recipe.lora, str(Path(trainer.recipe.model).resolve()))
-        torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
+        try:
+            torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
+        except RuntimeError as e:  # torch reports a failed write (a full disk) as RuntimeError, not OSError
+            raise OSError(f"optimizer.pt: {e}") from e
         rng = {"torch_cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["torch_cuda"] = torch.cuda.get_rng_state()
@@ -66,7 +70,9 @@ def _rotate(out_dir: Path, keep: int) -> None:
     if keep <= 0:
         return
     for _, d in complete_checkpoints(out_dir)[:-keep]:
-        shutil.rmtree(d, ignore_errors=True)
+        trash = d.with_name(f".{d.name}.tmp-old")  # out of sight first: a kill never leaves half of one in view
+        os.replace(d, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def _clean_partials(out_dir: Path) -> None:
@@ -93,7 +99,13 @@ def resume(trainer: Trainer) -> int | None:
         for module, ab in weights.items():
             for key, tensor in ab.items():
                 params[f"{module}.{key}.default.weight"].copy_(tensor)
-    optim_state = torch.load(d / "optimizer.pt", map_location=trainer.device, weights_only=True)
+    try:
+        optim_state = torch.load(d / "optimizer.pt", map_location=trainer.device, weights_only=True)
+    except Exception as e:  # corrupt, or holding more than tensors: weights_only refuses to run pickled code
+        raise CheckpointError(
+            f"{d / 'optimizer.pt'}: refused, not plain tensors ({type(e).__name__}: the file is corrupt or unsafe); "
+            f"delete {d} and run again to resume from the checkpoint before it"
+        ) from None
     trainer.optimizer.load_state_dict(optim_state)
     trainer.scheduler.load_state_dict(state["scheduler"])
     trainer.batches.load_state_dict(state["data"])

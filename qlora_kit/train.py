@@ -13,8 +13,9 @@ import json
 import logging
 import math
 import signal
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,10 +25,11 @@ from tqdm import tqdm
 from qlora_kit import runstate
 from qlora_kit.adapters import save_adapter
 from qlora_kit.batching import BatchIterator, eval_batches
+from qlora_kit.checkpoint import AtomicDir
 from qlora_kit.config import Recipe, dump_recipe
 from qlora_kit.data import IGNORE_INDEX, build_datasets, ensure_pad_token
-from qlora_kit.errors import QloraKitError
-from qlora_kit.loader import load_quantized
+from qlora_kit.errors import CheckpointError, QloraKitError
+from qlora_kit.loader import load_quantized, read_config
 from qlora_kit.lora import lora_parameters
 from qlora_kit.metrics import MetricsLog
 from qlora_kit.optim import make_optimizer, make_scheduler
@@ -48,6 +50,8 @@ class Counters:
     tokens_seen: int = 0
     elapsed_s: float = 0.0
     skipped_steps: int = 0
+    loss_window: list[float] = field(default_factory=list)
+    """Losses of the steps since the last log line, so a run resumed between two logs averages the same steps."""
 
 
 @dataclass
@@ -106,7 +110,8 @@ class _StopFlag:
             if self.requested:  # a second Ctrl-C means now
                 raise KeyboardInterrupt
             self.requested = True
-            tqdm.write("interrupt: finishing this step and saving a checkpoint (Ctrl-C again to abort)")
+            tqdm.write("interrupt: finishing this step and saving a checkpoint (Ctrl-C again to abort)",
+                       file=sys.stderr)
 
         self._previous = signal.signal(signal.SIGINT, handler)
         return self
@@ -123,6 +128,7 @@ class Trainer:
         self.out = Path(recipe.output_dir)
         self.device = resolve_device()
         self.dtype = resolve_dtype(recipe.compute_dtype, self.device)
+        read_config(Path(recipe.model), recipe.trust_remote_code)  # a broken config.json, named as such, first
         self.tokenizer = load_tokenizer(recipe.model, recipe.trust_remote_code)
         self.pad_id = ensure_pad_token(self.tokenizer)
         self.train_data, self.eval_data = build_datasets(recipe.dataset, self.tokenizer, recipe.max_seq_len, recipe.seed)
@@ -187,12 +193,18 @@ class Trainer:
         runstate.save_checkpoint(self, self.recipe.save_total_limit)
 
     def run(self) -> TrainResult:
-        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CheckpointError(f"{self.out}: cannot create the output directory ({e.strerror}); "
+                                  "set output_dir to a writable place") from None
         dump_recipe(self.recipe, self.out / "recipe.yaml")
         resumed = runstate.resume(self)
         if resumed is not None:
-            tqdm.write(f"resuming from step {resumed}")
-        metrics = MetricsLog(self.out, self.counters.step, tensorboard=self.recipe.tensorboard)
+            tqdm.write(f"resuming from step {resumed}", file=sys.stderr)
+        # a fresh start keeps no records, not even the step-0 eval of a run killed before its first checkpoint
+        upto = self.counters.step if resumed is not None else -1
+        metrics = MetricsLog(self.out, upto, tensorboard=self.recipe.tensorboard)
         before = self._eval() if resumed is None else metrics.first("eval_loss")
         if resumed is None and before is not None:
             metrics.write({"step": 0, "eval_loss": before, "eval_ppl": math.exp(before)})
@@ -207,7 +219,6 @@ class Trainer:
         r = self.recipe
         self.model.train()
         batch_iter = iter(self.batches)
-        window: list[float] = []
         bar = tqdm(total=self.total_steps, initial=self.counters.step, desc="train", disable=not self.progress,
                    dynamic_ncols=True)
         t0 = time.perf_counter() - self.counters.elapsed_s
@@ -222,15 +233,16 @@ class Trainer:
                 else:
                     loss, grad_norm, tokens = result
                     c.tokens_seen += tokens
-                    window.append(loss)
+                    c.loss_window.append(loss)
                     if c.step % r.logging_steps == 0 or c.step == self.total_steps:
                         lr = self.scheduler.get_last_lr()[0]
+                        window = c.loss_window
                         rec = {"step": c.step, "loss": sum(window) / len(window), "lr": lr, "grad_norm": grad_norm,
                                "tokens_seen": c.tokens_seen, "elapsed_s": round(c.elapsed_s, 3),
                                "tokens_per_s": round(c.tokens_seen / max(c.elapsed_s, 1e-9), 1)}
                         metrics.write(rec)
                         bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=rec["tokens_per_s"])
-                        window = []
+                        c.loss_window = []
                 if r.eval_steps and c.step % r.eval_steps == 0 and c.step < self.total_steps:
                     loss = self._eval()
                     if loss is not None:
@@ -241,18 +253,22 @@ class Trainer:
                 bar.update(1)
                 if stop.requested:
                     bar.close()
-                    tqdm.write(f"stopped at step {c.step}; run the same command again to resume")
+                    tqdm.write(f"stopped at step {c.step}; run the same command again to resume", file=sys.stderr)
                     return True
         bar.close()
         return False
 
     def _finish(self, metrics: MetricsLog) -> float | None:
-        after = self._eval()
-        if after is not None:
-            metrics.write({"step": self.counters.step, "eval_loss": after, "eval_ppl": math.exp(after)})
+        step = self.counters.step  # already logged when a kill came after the final checkpoint: log it once
+        after = next((r["eval_loss"] for r in metrics.records if r.get("step") == step and "eval_loss" in r), None)
+        if after is None:
+            after = self._eval()
+            if after is not None:
+                metrics.write({"step": step, "eval_loss": after, "eval_ppl": math.exp(after)})
         metrics.flush()
         self._save()
-        save_adapter(self.model, self.out / "adapter", self.recipe.lora, str(Path(self.recipe.model).resolve()))
+        with AtomicDir(self.out / "adapter", overwrite=True) as tmp:  # never half an adapter, even on a full disk
+            save_adapter(self.model, tmp, self.recipe.lora, str(Path(self.recipe.model).resolve()))
         metrics.plot(self.out / "loss.png")
         return after
 
