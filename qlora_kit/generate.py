@@ -85,9 +85,9 @@ def generate(
     """Completions for all requests in one batch (left-padded); streamed token by token when there is one."""
     pad_id = ensure_pad_token(tokenizer)
     tokenizer.padding_side = "left"
-    chat = {r.chat for r in requests}
-    enc = tokenizer([r.prompt for r in requests], return_tensors="pt", padding=True,
-                    add_special_tokens=chat != {True}).to(model.device)
+    # A chat template already wrote the BOS; plain and Alpaca prompts need the tokenizer's. Rows may mix both.
+    ids = [tokenizer(r.prompt, add_special_tokens=not r.chat)["input_ids"] for r in requests]
+    enc = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(model.device)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream and len(requests) == 1 else None
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
     with per_row_adapters(model, [r.adapter for r in requests]):

@@ -141,7 +141,11 @@ class Trainer:
         self.model = load_quantized(recipe.model, quant=recipe.quant, lora=recipe.lora, device=self.device,
                                     dtype=self.dtype, trust_remote_code=recipe.trust_remote_code)
         if recipe.gradient_checkpointing and getattr(self.model, "supports_gradient_checkpointing", False):
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable = getattr(self.model, "activation_checkpointing_enable", None)  # transformers >= 5 name
+            if enable is not None:
+                enable({"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.params = lora_parameters(self.model)
         self.optimizer = make_optimizer(self.params.values(), recipe.optimizer, recipe.learning_rate,
                                         recipe.weight_decay, self.device)

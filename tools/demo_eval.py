@@ -28,7 +28,8 @@ def main() -> None:
     correct = {None: 0, "tuned": 0}
     for start in range(0, len(rows), args.batch):
         chunk = rows[start : start + args.batch]
-        reqs = [Request(*render(tok, row), adapter) for row in chunk for adapter in (None, "tuned")]
+        reqs = [Request(text, adapter, chat) for text, chat in map(lambda r: render(tok, r), chunk)
+                for adapter in (None, "tuned")]
         outs = generate(model, tok, reqs, max_new_tokens=4)
         for req, out, row in zip(reqs, outs, [r for r in chunk for _ in range(2)]):
             correct[req.adapter] += out.strip().split()[:1] == [row["output"]]
