@@ -9,11 +9,14 @@ truncated or corrupt file is caught from its header, before any data is touched,
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
 import tempfile
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -225,15 +228,99 @@ class ShardWriter:
         """Write the last shard, give shards their final names, and write the index when there are several."""
         if self._pending or not self._shards:
             self._flush()
-        n = len(self._shards)
-        names = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        for i, name in enumerate(names):
-            os.replace(self.out_dir / f"shard-{i:05d}.partial", self.out_dir / name)
-        if n > 1:
-            weight_map = {t: names[i] for i, keys in enumerate(self._shards) for t in keys}
-            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-            (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        return [self.out_dir / name for name in names]
+        return _name_shards(self.out_dir, self._shards, self.total_bytes)
+
+
+class StreamingShardWriter:
+    """Writes tensors straight to their place in shards whose layout is fixed up front, on a background thread.
+
+    Why, beside `ShardWriter`: when every output's name, shape and dtype is known before any is computed (an
+    export), each shard's safetensors header can be written first and every tensor `pwrite` at its offset the
+    moment it exists. Host memory is then a couple of tensors, not a shard, and the writes overlap the next
+    tensor's compute. Same file names, index and `.partial` staging as `ShardWriter`.
+    """
+
+    _IN_FLIGHT = 2  # tensors handed to the writer thread and not yet on disk: bounds memory
+
+    def __init__(self, out_dir: Path, layout: list[tuple[str, tuple[int, ...], torch.dtype]],
+                 max_shard_bytes: int = 5 * 1024**3) -> None:
+        self.out_dir = out_dir
+        self._shards: list[list[str]] = [[]]
+        self._where: dict[str, tuple[int, int, int, tuple[int, ...], torch.dtype]] = {}
+        size = 0
+        for name, shape, dtype in layout:
+            nbytes = math.prod(shape) * dtype.itemsize
+            if self._shards[-1] and size + nbytes > max_shard_bytes:
+                self._shards.append([])
+                size = 0
+            self._shards[-1].append(name)
+            self._where[name] = (len(self._shards) - 1, size, nbytes, tuple(shape), dtype)
+            size += nbytes
+        self.total_bytes = sum(w[2] for w in self._where.values())
+        self._fds = [self._open(i, keys) for i, keys in enumerate(self._shards)]
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
+        self._pending: deque = deque()
+
+    def _open(self, i: int, keys: list[str]) -> tuple[int, int]:
+        """Create shard i with its header; (fd, offset of its data)."""
+        names = {dtype: code for code, dtype in _DTYPES.items()}
+        header = {"__metadata__": {"format": "pt"}}
+        for key in keys:
+            _, start, nbytes, shape, dtype = self._where[key]
+            header[key] = {"dtype": names[dtype], "shape": list(shape), "data_offsets": [start, start + nbytes]}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
+        fd = os.open(self.out_dir / f"shard-{i:05d}.partial", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        _pwrite_all(fd, memoryview(struct.pack("<Q", len(raw)) + raw), 0)
+        return fd, 8 + len(raw)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        shard, start, nbytes, shape, dtype = self._where.pop(name)
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise CheckpointError(f"{name}: planned as {list(shape)} {dtype}, got {list(tensor.shape)} {tensor.dtype}")
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        fd, base = self._fds[shard]
+        self._pending.append(self._pool.submit(_pwrite_all, fd, memoryview(data.numpy()), base + start))
+        while len(self._pending) > self._IN_FLIGHT:
+            self._pending.popleft().result()
+
+    def finish(self) -> list[Path]:
+        """Wait for the writes, check every planned tensor came, then final names and the index."""
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+            if self._where:
+                raise CheckpointError(f"{self.out_dir}: {len(self._where)} planned tensors were never written, "
+                                      f"e.g. {next(iter(self._where))}")
+        finally:
+            self.close()
+        return _name_shards(self.out_dir, self._shards, self.total_bytes)
+
+    def close(self) -> None:
+        """Stop the writer thread and close the files (after a failure too; AtomicDir removes them)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        for fd, _ in self._fds:
+            os.close(fd)
+        self._fds = []
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while len(data):
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
+def _name_shards(out_dir: Path, shards: list[list[str]], total_bytes: int) -> list[Path]:
+    """Give `.partial` shards their final names and write the index when there are several."""
+    n = len(shards)
+    names = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for i, name in enumerate(names):
+        os.replace(out_dir / f"shard-{i:05d}.partial", out_dir / name)
+    if n > 1:
+        weight_map = {t: names[i] for i, keys in enumerate(shards) for t in keys}
+        index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    return [out_dir / name for name in names]
 
 
 def copy_side_files(src: Path, dst: Path, names: tuple[str, ...] = TOKENIZER_FILES) -> list[str]:

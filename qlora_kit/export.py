@@ -11,8 +11,9 @@ linears unchanged: what peft's `merge_and_unload()` on an unquantized base produ
 A base already in the bitsandbytes 4-bit layout is dequantized as stored and written in bf16 (its original
 weights no longer exist, so "original" is refused). The output is the base's dtype otherwise.
 
-Memory: the base is read tensor by tensor; peak host memory is one output shard plus one tensor, and the adapter
-(each layer's factors are dropped once merged). The merge runs over blocks of rows, so its fp32 temporaries are
+Memory: the base is read tensor by tensor and every output tensor is written to its place in its shard as soon
+as it exists (`StreamingShardWriter`), so peak host memory is a few tensors, not a shard, plus the adapter (each
+layer's factors are dropped once merged). The merge runs over blocks of rows, so its fp32 temporaries are
 small. The output directory appears only when complete, and holds sharded safetensors, config.json without any
 quantization_config, generation_config.json and the tokenizer files (the adapter directory's when it has them,
 since those are what training used; else the base's).
@@ -23,7 +24,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import json
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -33,7 +36,7 @@ from tqdm import tqdm
 
 from qlora_kit.adapters import read_adapter_config, read_adapter_weights
 from qlora_kit.checkpoint import (
-    TOKENIZER_FILES, AtomicDir, ShardWriter, TensorReader, copy_side_files, iter_by_file, tensor_index,
+    TOKENIZER_FILES, AtomicDir, StreamingShardWriter, TensorReader, copy_side_files, iter_by_file, tensor_index,
 )
 from qlora_kit.errors import CheckpointError, ConfigError
 from qlora_kit.loader import Target, _key_map, build_empty, checkpoint_quant_config, quant_targets, read_config
@@ -115,21 +118,23 @@ def export_merged(
     quant = stored_quant or quant or QuantConfig()  # as the loader does: a 4-bit base's settings win
     aux = {k for job in jobs.values() for k in job.aux}
     report = ExportReport(out_dir, base_dir, merge_into, dtype, 0, 0, 0)
+    keys = [k for k in iter_by_file(infos) if k not in aux]
+    layout = [(k, _out_shape(model, infos, k, jobs), dtype if k in jobs else infos[k].dtype) for k in keys]
     with AtomicDir(out_dir) as tmp:
-        writer = ShardWriter(tmp, max_shard_bytes)
-        with TensorReader(infos) as reader:
-            keys = [k for k in iter_by_file(infos) if k not in aux]
+        writer = StreamingShardWriter(tmp, layout, max_shard_bytes)
+        with TensorReader(infos) as reader, closing(writer):
+            inputs = _read_ahead(reader, keys, {k: job.aux for k, job in jobs.items()})
             for key in tqdm(keys, desc="export", unit="tensor", disable=not progress):
-                job = jobs.pop(key, None)  # and with it the adapter factors: memory is the shard, not the adapter
+                job = jobs.pop(key, None)  # and with it the adapter factors, once merged
                 if job is None:
-                    writer.add(key, reader.read(key))
+                    writer.add(key, next(inputs)[key])
                     report.kept += 1
                     continue
-                writer.add(key, _export_linear(reader, key, job, merge_into, quant, dtype, adapter_dir))
+                writer.add(key, _export_linear(next(inputs), key, job, merge_into, quant, dtype, adapter_dir))
                 _release_freed_memory()
                 report.merged += job.lora is not None
                 report.dequantized += job.lora is None and merge_into == "dequantized"
-        report.shards = len(writer.finish())
+            report.shards = len(writer.finish())
         report.bytes_out = writer.total_bytes
         _write_config(base_dir, tmp, dtype)
         copy_side_files(base_dir, tmp, SIDE_FILES)
@@ -205,6 +210,14 @@ def _factors(name, target, model, ab, lora: LoraConfig, adapter_dir: Path) -> tu
     return a.float(), b.float(), scale
 
 
+def _out_shape(model, infos, key: str, jobs: dict[str, _Job]) -> tuple[int, ...]:
+    """A written tensor's shape: as stored, except a 4-bit weight, which becomes its layer's full shape."""
+    job = jobs.get(key)
+    if job is None or not job.aux:
+        return infos[key].shape
+    return tuple(model.get_submodule(job.target.name).weight.shape)  # already in the checkpoint's orientation
+
+
 def _base_dtype(config, infos, jobs: dict[str, _Job]) -> torch.dtype:
     """The dtype config.json declares, else that of the checkpoint's linear weights."""
     if isinstance(config.dtype, torch.dtype) and config.dtype in FLOAT_DTYPES:
@@ -212,9 +225,24 @@ def _base_dtype(config, infos, jobs: dict[str, _Job]) -> torch.dtype:
     return next((infos[k].dtype for k in jobs if infos[k].dtype in FLOAT_DTYPES), torch.bfloat16)
 
 
-def _export_linear(reader, key, job: _Job, merge_into, quant, dtype, adapter_dir) -> torch.Tensor:
+def _read_ahead(reader: TensorReader, keys: list[str], aux: dict[str, tuple[str, ...]]
+                ) -> Iterator[dict[str, torch.Tensor]]:
+    """Each key's tensors (a 4-bit weight with its quant state), read one key ahead on a thread: the reads
+    (a sixth of a warm export) overlap the merge instead of adding to it."""
+    def read(key: str) -> dict[str, torch.Tensor]:
+        return {k: reader.read(k) for k in (key, *aux.get(key, ()))}
+
+    with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as pool:
+        ahead = pool.submit(read, keys[0]) if keys else None
+        for nxt in [*keys[1:], None]:
+            current = ahead.result()
+            ahead = pool.submit(read, nxt) if nxt is not None else None
+            yield current
+
+
+def _export_linear(inputs, key, job: _Job, merge_into, quant, dtype, adapter_dir) -> torch.Tensor:
     """The weight to write for one linear layer, in the checkpoint's orientation (Conv1D stays transposed)."""
-    weight = _base_weight(reader, key, job, merge_into, quant, dtype)
+    weight = _base_weight(inputs, key, job, merge_into, quant, dtype)
     if job.lora is not None:
         a, b, scale = job.lora
         try:
@@ -227,13 +255,12 @@ def _export_linear(reader, key, job: _Job, merge_into, quant, dtype, adapter_dir
     return weight.t() if job.target.transposed else weight
 
 
-def _base_weight(reader, key, job: _Job, merge_into, quant, dtype) -> torch.Tensor:
+def _base_weight(inputs, key, job: _Job, merge_into, quant, dtype) -> torch.Tensor:
     """The weight the merge starts from, (out, in) in `dtype`: as stored in 4 bits, re-quantized, or original."""
     if job.aux:
         cut = len(key) - len("weight")
-        tensors = {k[cut:]: reader.read(k) for k in (key, *job.aux)}
-        return QuantizedWeight.from_state_dict(tensors).dequantize(dtype)
-    w = reader.read(key)
+        return QuantizedWeight.from_state_dict({k[cut:]: t for k, t in inputs.items()}).dequantize(dtype)
+    w = inputs[key]
     w = w.t() if job.target.transposed else w
     if merge_into == "original":
         return w.to(dtype).contiguous()
@@ -244,24 +271,12 @@ def _base_weight(reader, key, job: _Job, merge_into, quant, dtype) -> torch.Tens
 
 def _merge_rows(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
     """weight += scale·B·A in place through `merge_delta`, one block of rows at a time: the same math (a row's
-    delta depends only on its own row of B) with fp32 temporaries of one block, not of the whole matrix.
-
-    The blocks run side by side on a thread per core with torch single-threaded meanwhile. merge_delta is a handful
-    of elementwise passes per block, and splitting each of them over the cores costs a barrier apiece; on a busy
-    machine those waits cost more than the work (llama-300m on 2 loaded cores: 3x the CPU time)."""
+    delta depends only on its own row of B) with fp32 temporaries of one block (1 MiB, cache-sized), not of the
+    whole matrix. torch threads each block's matmul; a thread pool over blocks measured slower (thread start-up
+    per layer, and a barrier per elementwise pass)."""
     rows = max(1, _MERGE_BLOCK // weight.shape[1])
-
-    def merge(i: int) -> None:
+    for i in range(0, weight.shape[0], rows):
         weight[i:i + rows] = merge_delta(weight[i:i + rows], a, b[i:i + rows], scale)
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(threads, thread_name_prefix="merge") as pool:
-            for _ in pool.map(merge, range(0, weight.shape[0], rows)):
-                pass
-    finally:
-        torch.set_num_threads(threads)
 
 
 @cache

@@ -225,3 +225,41 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, llama_dir, capsys, case)
     err = capsys.readouterr().err
     assert err.startswith("qlora-kit: error:") and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o").exists()
+
+
+def test_streaming_shard_writer_matches_safetensors(tmp_path):
+    """Header-first shards read back by safetensors itself, split and indexed as ShardWriter splits them."""
+    from safetensors import safe_open
+
+    from qlora_kit.checkpoint import INDEX_NAME, ShardWriter, StreamingShardWriter
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a.weight": torch.randn(33, 7, generator=g).bfloat16(), "b.bias": torch.randn(5, generator=g),
+               "c.empty": torch.zeros(0, 3, dtype=torch.float16), "d.ids": torch.arange(9, dtype=torch.int64),
+               "e.weight": torch.randn(40, 16, generator=g).to(torch.float16)}
+    layout = [(k, tuple(t.shape), t.dtype) for k, t in tensors.items()]
+    streamed, buffered = tmp_path / "s", tmp_path / "b"
+    streamed.mkdir(), buffered.mkdir()
+    w = StreamingShardWriter(streamed, layout, max_shard_bytes=800)
+    ref = ShardWriter(buffered, max_shard_bytes=800)
+    for k, t in tensors.items():
+        w.add(k, t)
+        ref.add(k, t)
+    assert [p.name for p in w.finish()] == [p.name for p in ref.finish()] == [
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert json.loads((streamed / INDEX_NAME).read_text()) == json.loads((buffered / INDEX_NAME).read_text())
+    for shard in sorted(streamed.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            assert f.metadata() == {"format": "pt"}
+            for k in f.keys():
+                assert torch.equal(f.get_tensor(k), tensors[k]) and f.get_tensor(k).dtype == tensors[k].dtype
+
+
+def test_streaming_shard_writer_refuses_what_was_not_planned(tmp_path):
+    from qlora_kit.checkpoint import StreamingShardWriter
+
+    w = StreamingShardWriter(tmp_path, [("x", (2, 3), torch.bfloat16), ("y", (4,), torch.float32)])
+    with pytest.raises(CheckpointError, match=r"x: planned as \[2, 3\] torch.bfloat16, got \[3, 2\]"):
+        w.add("x", torch.zeros(3, 2, dtype=torch.bfloat16))
+    with pytest.raises(CheckpointError, match="1 planned tensors were never written, e.g. y"):
+        w.finish()

@@ -427,7 +427,6 @@ DISK_FULL = {
     "quantize-shard": ("quantize", "qlora_kit.checkpoint.save_file", ".partial", "oserror"),
     "quantize-shard-safetensors": ("quantize", "qlora_kit.checkpoint.save_file", ".partial", "safetensors"),
     "quantize-config": ("quantize", "pathlib.Path.write_text", "config.json", "oserror"),
-    "export-shard-safetensors": ("export", "qlora_kit.checkpoint.save_file", ".partial", "safetensors"),
     "export-config": ("export", "pathlib.Path.write_text", "config.json", "oserror"),
 }
 
@@ -707,17 +706,36 @@ def test_sigkill_at_random_moments_then_resume_is_exact(ws, tmp_path):
     assert sum(k["checkpoint"] for k in killed) >= 3 and any(k["finish"] for k in killed), killed
 
 
+@pytest.mark.parametrize("at", ["header", "data"])
+def test_disk_full_while_export_streams_shards(ws, tmp_path, capsys, monkeypatch, at):
+    """Export writes each tensor into its shard from a writer thread; ENOSPC there still becomes one line."""
+    from qlora_kit import checkpoint
+
+    real = checkpoint._pwrite_all
+
+    def full(fd, data, offset):
+        if (offset == 0) == (at == "header"):  # a shard's header goes to offset 0, tensors after it
+            raise _enospc("oserror")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(checkpoint, "_pwrite_all", full)
+    assert main(_export()(ws, tmp_path)) == 2
+    lines = _error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "free some space and run the same command again" in lines[0].lower(), lines
+    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
 # --- interrupted export ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("where", ["_flush", "finish"])
+@pytest.mark.parametrize("where", ["add", "finish"])
 def test_ctrl_c_during_export_leaves_nothing_that_looks_finished(ws, tmp_path, capsys, monkeypatch, where):
     from qlora_kit import checkpoint
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpoint.ShardWriter, where, interrupted)
+    monkeypatch.setattr(checkpoint.StreamingShardWriter, where, interrupted)
     assert main(_export(None, "--max-shard-gb", "0.00005")(ws, tmp_path)) == 130
     assert "qlora-kit: interrupted" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
@@ -728,10 +746,12 @@ def test_sigkill_mid_export_leaves_only_a_hidden_temp_dir(ws, tmp_path):
     out = tmp_path / "out"
     code = textwrap.dedent(f"""
         import os, signal, qlora_kit.checkpoint as c
-        flush = c.ShardWriter._flush
-        def dies(self):
-            flush(self); os.kill(os.getpid(), signal.SIGKILL)
-        c.ShardWriter._flush = dies
+        add, seen = c.StreamingShardWriter.add, []
+        def dies(self, name, tensor):
+            add(self, name, tensor); seen.append(name)
+            if len(seen) == 5:
+                os.kill(os.getpid(), signal.SIGKILL)
+        c.StreamingShardWriter.add = dies
         from qlora_kit.cli import main
         main(["export", {str(ws.adapter)!r}, "--out", {str(out)!r}, "--no-progress", "--max-shard-gb", "0.00005"])
     """)
