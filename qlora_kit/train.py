@@ -9,7 +9,6 @@ schedule, RNG, data position, counters — is in each checkpoint, so a resumed r
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import signal

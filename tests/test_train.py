@@ -29,7 +29,7 @@ def workspace(tmp_path_factory):
     rows = [{"instruction": "Repeat.", "input": w, "output": w} for w in WORDS * 4]
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:8]))
-    recipe = f"""# tiny test recipe
+    recipe = """# tiny test recipe
 model: base
 dataset:
   path: train.jsonl
@@ -46,7 +46,7 @@ optimizer: adamw
 logging_steps: 2
 save_steps: 4
 eval_steps: 6
-lora: {{r: 4, alpha: 8, dropout: 0.1, target_modules: all-linear}}
+lora: {r: 4, alpha: 8, dropout: 0.1, target_modules: all-linear}
 """
     (root / "tiny.yaml").write_text(recipe)
     return root
