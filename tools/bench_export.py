@@ -237,6 +237,18 @@ def environment_line() -> str:
             f"Python {platform.python_version()}; " + ", ".join(versions) + f", qlora-kit {rev}")
 
 
+def write_rows(path: Path, results: dict[str, list[dict]], base: Path, argv) -> None:
+    """Medians of merge+save time and peak RSS, ours and ours-original against peer, as rows for tools/bench.py."""
+    keys = (("work_s", "export merge+save time", "s"), ("peak_rss_gib", "export peak RSS", "GiB"))
+    med = {c: {k: statistics.median(r[k] for r in runs if "error" not in r) for k, _, _ in keys}
+           for c, runs in results.items() if any("error" not in r for r in runs)}
+    command = "python tools/bench_export.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    rows = [{"name": f"{name}, {base.name} ({ours})", "ours": med[ours][k], "peer": med["peer"][k], "unit": unit,
+             "better": "lower", "ratio": med[ours][k] / med["peer"][k], "command": command}
+            for ours in ("ours", "ours-original") for k, name, unit in keys if {ours, "peer"} <= med.keys()]
+    path.write_text(json.dumps(rows, indent=2) + "\n")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", type=Path, default=Path("/work/bigckpt/llama-300m"), help="HF checkpoint directory")
@@ -245,6 +257,7 @@ def parse_args(argv=None):
     p.add_argument("--only", choices=CONTENDERS, action="append", help="run only these contenders")
     p.add_argument("--repeats", type=int, default=1, help="exports per contender; the table shows medians")
     p.add_argument("--check", action="store_true", help="compare the last outputs of the contenders tensor by tensor")
+    p.add_argument("--json", type=Path, help="also write the ours/peer rows here, for tools/bench.py")
     p.add_argument("--child", choices=CONTENDERS, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -284,6 +297,8 @@ def main(argv=None) -> int:
             print("\n" + "\n".join(compare_outputs({c: p for c, p in outs.items() if p.exists()})))
     print(f"\ncommand: python tools/bench_export.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     print(environment_line())
+    if args.json:
+        write_rows(args.json, results, args.base, argv)
     return 1 if any("error" in r for runs in results.values() for r in runs) else 0
 
 

@@ -238,6 +238,18 @@ def compare_logits(paths: dict[str, Path]) -> tuple[str, bool]:
             f"(ours vs peer {'<' if same else '>='} {SAME_MODEL_RATIO} x peer's quantization error)"), same
 
 
+def write_rows(path: Path, results: dict[str, list[dict]], model: Path, argv) -> None:
+    """Medians of load time and peak RSS, ours against peer, as rows for tools/bench.py."""
+    keys = (("load_s", "load time", "s"), ("peak_rss_gib", "load peak RSS", "GiB"))
+    med = {c: {k: statistics.median(r[k] for r in runs if "error" not in r) for k, _, _ in keys}
+           for c, runs in results.items() if any("error" not in r for r in runs)}
+    command = "python tools/bench_load.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    rows = [{"name": f"{name}, {model.name}", "ours": med["ours"][k], "peer": med["peer"][k], "unit": unit,
+             "better": "lower", "ratio": med["ours"][k] / med["peer"][k], "command": command}
+            for k, name, unit in keys if {"ours", "peer"} <= med.keys()]
+    path.write_text(json.dumps(rows, indent=2) + "\n")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, required=True, help="Hugging Face checkpoint directory")
@@ -248,6 +260,7 @@ def parse_args(argv=None):
                         "contender and of the unquantized bf16 model (small models)")
     p.add_argument("--stable-malloc", action="store_true",
                    help="pin glibc's mmap threshold in the children, for repeatable RSS (not how users run)")
+    p.add_argument("--json", type=Path, help="also write the ours/peer rows here, for tools/bench.py")
     p.add_argument("--child", choices=CONTENDERS + ("reference",), help=argparse.SUPPRESS)
     p.add_argument("--logits-out", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -284,6 +297,8 @@ def main(argv=None) -> int:
         elif args.check_logits:
             print("\nlogits check skipped: it compares both contenders")
     print("\n" + environment_line())
+    if args.json:
+        write_rows(args.json, results, args.model, argv)
     runs = [r for rs in results.values() for r in rs] + list(checks.values())
     return 0 if same and not any("error" in r for r in runs) else 1
 
