@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from functools import cache
 
 import torch
-from bitsandbytes.functional import get_4bit_type
+
+from qlora_kit.codes import four_bit
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -53,7 +54,7 @@ HAVE_NATIVE: bool = _LIB is not None
 @cache
 def _tables(quant_type: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(bounds, order, code), built as bitsandbytes builds them for its CPU kernel, so neither side drifts."""
-    code = get_4bit_type(quant_type, device="cpu")
+    code = four_bit(quant_type)
     order = torch.argsort(code)
     bounds = (code[order[:-1]] + code[order[1:]]) / 2
     return bounds.contiguous(), order, code.contiguous()

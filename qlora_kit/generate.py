@@ -97,9 +97,10 @@ def generate(
     return [tokenizer.decode(row, skip_special_tokens=True) for row in new]
 
 
-def run(model_dir: str, adapters: dict[str, Path], rows: list[dict], *, stream: TextIO = sys.stdout,
+def run(model_dir: str, adapters: dict[str, Path], rows: list[dict], *, stream: TextIO | None = None,
         **kwargs) -> list[str]:
     """The CLI's job: every prompt with every adapter (or the bare base when none), one batched pass."""
+    stream = stream or sys.stdout  # looked up now, not at import: whoever redirected stdout since gets the text
     model, tokenizer = load_model(model_dir, adapters)
     rendered = [render(tokenizer, row) for row in rows]
     names: list[str | None] = list(adapters) or [None]

@@ -19,9 +19,7 @@ from dataclasses import dataclass
 from functools import cache
 
 import torch
-from bitsandbytes import functional as bnbf
-
-from qlora_kit import _native
+from qlora_kit import _native, codes
 from qlora_kit.errors import CheckpointError, ConfigError
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -57,14 +55,17 @@ class QuantConfig:
 
 
 def code_table(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The 16 fp32 levels a 4-bit code indexes (bitsandbytes' own table, so the two can never drift)."""
-    return bnbf.get_4bit_type(quant_type, device=device)
+    """The 16 fp32 levels a 4-bit code indexes (bitsandbytes' table; tests keep the two equal)."""
+    return codes.four_bit(quant_type, device)
 
 
 @cache
-def _dynamic_map() -> torch.Tensor:
-    """The 256 levels of the nested 8-bit stage: bitsandbytes' signed dynamic map, built by bitsandbytes."""
-    return bnbf.create_dynamic_map(signed=True)
+def _bnb():
+    """bitsandbytes.functional, imported on first CUDA use only: the import costs ~3 s that CPU work never needs
+    (it also registers the torch.ops.bitsandbytes kernels the CUDA paths call)."""
+    from bitsandbytes import functional
+
+    return functional
 
 
 @dataclass
@@ -89,6 +90,7 @@ class QuantizedWeight:
         if weight.device.type == "cpu":
             packed, absmax = _native.quantize_4bit(weight, config.blocksize, config.type)
         else:
+            _bnb()
             packed, absmax = torch.ops.bitsandbytes.quantize_4bit.default(
                 weight.contiguous(), config.blocksize, config.type, torch.uint8
             )
@@ -100,10 +102,10 @@ class QuantizedWeight:
         # bitsandbytes centres the absmax values on their mean before the 8-bit stage; same torch ops, same bits.
         offset = self.absmax.mean()
         if self.device.type == "cpu":
-            code = _dynamic_map().clone()  # each weight owns its table, as bitsandbytes' QuantState does
+            code = codes.dynamic_map()  # each weight owns its table, as bitsandbytes' QuantState does
             qabsmax, nested_absmax = _native.quantize_blockwise(self.absmax - offset, code, NESTED_BLOCKSIZE)
         else:
-            qabsmax, state2 = bnbf.quantize_blockwise(self.absmax - offset, blocksize=NESTED_BLOCKSIZE)
+            qabsmax, state2 = _bnb().quantize_blockwise(self.absmax - offset, blocksize=NESTED_BLOCKSIZE)
             nested_absmax, code = state2.absmax, state2.code
         self.absmax, self.offset = qabsmax, offset
         self.nested_absmax, self.nested_code = nested_absmax, code
@@ -129,7 +131,7 @@ class QuantizedWeight:
             return _native.dequantize_blockwise(
                 self.absmax, self.nested_absmax, self.nested_code, NESTED_BLOCKSIZE, offset=self.offset
             )
-        absmax = bnbf.dequantize_blockwise(
+        absmax = _bnb().dequantize_blockwise(
             self.absmax, absmax=self.nested_absmax, code=self.nested_code, blocksize=NESTED_BLOCKSIZE
         )
         return absmax + self.offset
@@ -140,6 +142,7 @@ class QuantizedWeight:
         absmax = self.absmax_fp32()
         if self.device.type == "cpu":
             return _native.dequantize_4bit(self.packed, absmax, self.blocksize, self.quant_type, self.shape, dtype)
+        _bnb()
         return torch.ops.bitsandbytes.dequantize_4bit.default(
             self.packed, absmax, self.blocksize, self.quant_type, list(self.shape), dtype
         )

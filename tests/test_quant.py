@@ -105,3 +105,26 @@ def test_inconsistent_state_is_a_checkpoint_error():
 def test_bad_quant_config(kwargs):
     with pytest.raises(ConfigError):
         QuantConfig(**kwargs)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_code_tables_are_bitsandbytes_bit_for_bit(quant_type):
+    """qlora_kit.codes rebuilds bitsandbytes' tables so CPU work never imports it; they must not drift apart."""
+    from qlora_kit import codes
+
+    theirs = bnbf.get_4bit_type(quant_type, device="cpu")
+    assert torch.equal(code_table(quant_type).view(torch.int32), theirs.view(torch.int32))  # -0.0 included
+    assert torch.equal(codes.dynamic_map().view(torch.int32), bnbf.create_dynamic_map(signed=True).view(torch.int32))
+
+
+def test_cpu_work_never_imports_bitsandbytes():
+    """Its import costs ~3 s (torch._dynamo); quantize, export, plan and CPU training don't need it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, qlora_kit.cli, qlora_kit.export, qlora_kit.plan, qlora_kit.train, qlora_kit.generate\n"
+            "from qlora_kit.quant import QuantizedWeight\n"
+            "q = QuantizedWeight.quantize(torch.randn(64, 96).bfloat16()); q.dequantize(); q.state_dict()\n"
+            "print('bitsandbytes' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
