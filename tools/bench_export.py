@@ -25,8 +25,6 @@ generated first with tools/make_checkpoint.py (--preset).
 import argparse
 import json
 import math
-import os
-import platform
 import resource
 import shutil
 import statistics
@@ -34,12 +32,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
+
+from benchlib import RESULT_MARK, environment_line, spawn, status_gib, warm_page_cache
 
 REPO = Path(__file__).resolve().parents[1]  # children import qlora_kit from this checkout unless it is installed
 CONTENDERS = ("ours", "ours-original", "peer")
-RESULT_MARK = "BENCH_RESULT "
 RANK, ALPHA = 64, 16
 METRICS = (  # (key, column title, format)
     ("process_s", "time s", "{:.2f}"),
@@ -88,14 +86,6 @@ def make_adapter(base: Path, out: Path, rank: int = RANK, alpha: float = ALPHA, 
 
 # ---- child: one export in a fresh interpreter ----------------------------------------------------------------
 
-def _status_gib(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 2**20  # kB
-    raise KeyError(key)
-
-
 def _import_ours(merge_into: str):
     from qlora_kit.cli import main
     import qlora_kit.export  # noqa: F401  (what the CLI imports lazily: its cost lands in import time)
@@ -124,7 +114,7 @@ def run_child(contender: str, base: str, adapter: str, out: str) -> None:
     run = {"ours": lambda: _import_ours("dequantized"), "ours-original": lambda: _import_ours("original"),
            "peer": _import_peer}[contender]()
     import_s = time.perf_counter() - start
-    rss_import = _status_gib("VmRSS")
+    rss_import = status_gib("VmRSS")
     start = time.perf_counter()
     run(base, adapter, out)
     work_s = time.perf_counter() - start
@@ -137,36 +127,12 @@ def run_child(contender: str, base: str, adapter: str, out: str) -> None:
 # ---- parent: schedule children, summarize --------------------------------------------------------------------
 
 def measure(contender: str, base: Path, adapter: Path, out: Path) -> dict:
-    cmd = [sys.executable, __file__, "--child", contender, "--base", str(base), "--adapter", str(adapter),
-           "--out", str(out)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-           "PYTHONWARNINGS": "ignore"}
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    process_s = time.perf_counter() - start
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARK)]
-    if proc.returncode or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        return {"error": f"exit {proc.returncode}: {tail}"}
-    return {**json.loads(lines[-1][len(RESULT_MARK):]), "process_s": process_s}
-
-
-def warm_page_cache(model_dir: Path) -> str:
-    files = [p for p in model_dir.iterdir() if p.is_file()]
-    size = sum(p.stat().st_size for p in files)
-    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    if size > available / 2:
-        return f"cold: {size / 2**30:.1f} GiB base > half of {available / 2**30:.1f} GiB free, every run reads disk"
-    for path in files:
-        with open(path, "rb") as f:
-            while f.read(64 * 2**20):
-                pass
-    return f"warm: {size / 2**30:.2f} GiB base read once before timing"
+    cmd = [__file__, "--child", contender, "--base", str(base), "--adapter", str(adapter), "--out", str(out)]
+    return spawn(cmd, {"PYTHONWARNINGS": "ignore"})
 
 
 def compare_outputs(outs: dict[str, Path]) -> list[str]:
     """Max |difference| between the contenders' merged weights, relative to the largest weight."""
-    import torch
     from safetensors import safe_open
 
     def tensors(path):
@@ -216,27 +182,6 @@ def table(results: dict[str, list[dict]]) -> str:
     return "\n".join(rows)
 
 
-def environment_line() -> str:
-    cpu = platform.machine()
-    with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    versions = []
-    for dist in ("torch", "transformers", "peft", "bitsandbytes", "safetensors"):
-        try:
-            versions.append(f"{dist} {metadata.version(dist)}")
-        except metadata.PackageNotFoundError:
-            versions.append(f"{dist} (not installed)")
-    try:
-        rev = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True,
-                             text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        rev = "(not a git checkout)"
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    mem = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
-    return (f"CPU: {cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, load average {load} at the end; "
-            f"Python {platform.python_version()}; " + ", ".join(versions) + f", qlora-kit {rev}")
-
-
 def write_rows(path: Path, results: dict[str, list[dict]], base: Path, argv) -> None:
     """Medians of merge+save time and peak RSS, ours and ours-original against peer, as rows for tools/bench.py."""
     keys = (("work_s", "export merge+save time", "s"), ("peak_rss_gib", "export peak RSS", "GiB"))
@@ -276,7 +221,7 @@ def main(argv=None) -> int:
         sys.path.insert(0, str(REPO))
         make_adapter(args.base, adapter)
     contenders = args.only or list(CONTENDERS)
-    cache = warm_page_cache(args.base)
+    cache = warm_page_cache(args.base, "base")
     results = {c: [] for c in contenders}
     with tempfile.TemporaryDirectory(prefix=".bench-export-", dir=args.base.parent) as tmp:
         outs = {c: Path(tmp, c) for c in contenders}
@@ -296,7 +241,7 @@ def main(argv=None) -> int:
         if args.check:
             print("\n" + "\n".join(compare_outputs({c: p for c, p in outs.items() if p.exists()})))
     print(f"\ncommand: python tools/bench_export.py {' '.join(argv if argv is not None else sys.argv[1:])}")
-    print(environment_line())
+    print(environment_line(("torch", "transformers", "peft", "bitsandbytes", "safetensors")))
     if args.json:
         write_rows(args.json, results, args.base, argv)
     return 1 if any("error" in r for runs in results.values() for r in runs) else 0

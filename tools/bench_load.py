@@ -16,21 +16,18 @@ Contenders (both: NF4, double quant, bf16 compute, CPU):
 
 import argparse
 import json
-import os
-import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from importlib import metadata
 from pathlib import Path
+
+from benchlib import RESULT_MARK, environment_line, spawn, status_gib, warm_page_cache
 
 REPO = Path(__file__).resolve().parents[1]  # children import qlora_kit from this checkout unless it is installed
 CONTENDERS = ("ours", "peer")
-RESULT_MARK = "BENCH_RESULT "
 CHECK_TOKENS = 32  # length of the fixed input for --check-logits
 # Two loads are the same quantized model when they differ by far less than quantizing moved the logits: a different
 # NF4 layout (block size, no double quant) lands near 1.4x the quantization error, compute noise near zero.
@@ -60,18 +57,9 @@ pins, polled every 5 ms during the load for its peak; subtract 'anon after impor
 
 # ---- child: one load in a fresh interpreter --------------------------------------------------------------------
 
-def _status_gib(key: str) -> float:
-    """A memory line of /proc/self/status: VmRSS (all resident pages) or RssAnon (those not backed by a file)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 2**20  # kB
-    raise KeyError(key)
-
-
 def _poll_peak(key: str, stop: threading.Event, peak: list[float]) -> None:
     while not stop.wait(SAMPLE_S):
-        peak[0] = max(peak[0], _status_gib(key))
+        peak[0] = max(peak[0], status_gib(key))
 
 
 def _peak_rss_gib() -> float:
@@ -107,7 +95,7 @@ def run_child(contender: str, model_dir: str, logits_out: str | None) -> None:
     start = time.perf_counter()
     load = {"ours": _import_ours, "peer": _import_peer, "reference": _import_reference}[contender]()
     import_s = time.perf_counter() - start
-    rss_import, anon_import = _status_gib("VmRSS"), _status_gib("RssAnon")
+    rss_import, anon_import = status_gib("VmRSS"), status_gib("RssAnon")
 
     peak_anon, stop = [anon_import], threading.Event()
     poller = threading.Thread(target=_poll_peak, args=("RssAnon", stop, peak_anon), daemon=True)
@@ -117,10 +105,10 @@ def run_child(contender: str, model_dir: str, logits_out: str | None) -> None:
     load_s = time.perf_counter() - start
     stop.set()
     poller.join()
-    anon_loaded = _status_gib("RssAnon")
+    anon_loaded = status_gib("RssAnon")
     result = {"import_s": import_s, "load_s": load_s, "rss_import_gib": rss_import, "anon_import_gib": anon_import,
               "peak_rss_gib": _peak_rss_gib(), "peak_anon_gib": max(peak_anon[0], anon_loaded),
-              "rss_loaded_gib": _status_gib("VmRSS"), "anon_loaded_gib": anon_loaded}
+              "rss_loaded_gib": status_gib("VmRSS"), "anon_loaded_gib": anon_loaded}
     if logits_out:
         import torch
 
@@ -134,68 +122,10 @@ def run_child(contender: str, model_dir: str, logits_out: str | None) -> None:
 # ---- parent: schedule children, summarize --------------------------------------------------------------------
 
 def measure(contender: str, model_dir: Path, logits_out: Path | None, stable_malloc: bool) -> dict:
-    cmd = [sys.executable, __file__, "--child", contender, "--model", str(model_dir)]
+    cmd = [__file__, "--child", contender, "--model", str(model_dir)]
     if logits_out:
         cmd += ["--logits-out", str(logits_out)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    if stable_malloc:
-        env.update(STABLE_MALLOC)
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    process_s = time.perf_counter() - start
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARK)]
-    if proc.returncode or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        return {"error": f"exit {proc.returncode}: {tail}"}
-    return {**json.loads(lines[-1][len(RESULT_MARK):]), "process_s": process_s}
-
-
-def warm_page_cache(model_dir: Path) -> str:
-    """Read the checkpoint once if it fits comfortably in RAM, so no contender pays for the first disk read."""
-    files = [p for p in model_dir.iterdir() if p.is_file()]
-    size = sum(p.stat().st_size for p in files)
-    available = _meminfo_bytes("MemAvailable")
-    if size > available / 2:
-        return (f"cold: the {size / 2**30:.1f} GiB checkpoint is over half of the {available / 2**30:.1f} GiB "
-                "available, so every run reads (most of) it from disk")
-    for path in files:
-        with open(path, "rb") as f:
-            while f.read(64 * 2**20):
-                pass
-    return f"warm: {size / 2**30:.2f} GiB checkpoint read once before timing"
-
-
-def _meminfo_bytes(key: str) -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
-def environment_line() -> str:
-    cpu = platform.processor() or platform.machine()
-    with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    versions = []
-    for dist in ("torch", "transformers", "bitsandbytes", "accelerate", "safetensors"):
-        try:
-            versions.append(f"{dist} {metadata.version(dist)}")
-        except metadata.PackageNotFoundError:
-            versions.append(f"{dist} (not installed)")
-    versions.append(f"qlora-kit {_repo_revision()}")
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())  # other work on the machine skews the timings
-    return (f"CPU: {cpu}, {os.cpu_count()} cores, load average {load} at the end; "
-            f"Python {platform.python_version()}; " + ", ".join(versions))
-
-
-def _repo_revision() -> str:
-    try:
-        rev = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True,
-                             text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "(not a git checkout)"
-    return f"checkout {rev}"
+    return spawn(cmd, STABLE_MALLOC if stable_malloc else None)
 
 
 def table(results: dict[str, list[dict]]) -> str:
@@ -296,7 +226,7 @@ def main(argv=None) -> int:
             print("\n" + line)
         elif args.check_logits:
             print("\nlogits check skipped: it compares both contenders")
-    print("\n" + environment_line())
+    print("\n" + environment_line(("torch", "transformers", "bitsandbytes", "accelerate", "safetensors")))
     if args.json:
         write_rows(args.json, results, args.model, argv)
     runs = [r for rs in results.values() for r in rs] + list(checks.values())
