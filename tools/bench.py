@@ -256,6 +256,7 @@ def plot(benches: list[Bench], path: Path) -> Path | None:
     ax.barh(ys, adv, color=["tab:green" if met(r) else "tab:red" for r in rows])
     for y, r in zip(ys, rows):
         g, _, official = goal(r)
+        g = g if r["better"] == "higher" else 1 / g  # the bars show advantage, so a "<= 0.5x" goal sits at 2x
         ax.plot([g, g], [y - 0.45, y + 0.45], color="black", linewidth=2 if official else 1,
                 linestyle="-" if official else ":")
     ax.axvline(1.0, color="grey", linewidth=0.8)
