@@ -267,6 +267,8 @@ class StreamingShardWriter:
         header = {"__metadata__": {"format": "pt"}}
         for key in keys:
             _, start, nbytes, shape, dtype = self._where[key]
+            if dtype not in names:
+                raise CheckpointError(f"{key}: cannot write {dtype} to safetensors here (supported: {sorted(_DTYPES)})")
             header[key] = {"dtype": names[dtype], "shape": list(shape), "data_offsets": [start, start + nbytes]}
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
