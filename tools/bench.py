@@ -26,8 +26,9 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
+
+import benchlib
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tools"
@@ -167,24 +168,9 @@ def advantage(row: dict) -> float:
 # ---- the report ------------------------------------------------------------------------------------------------
 
 def machine(load_start: tuple[float, ...], gpu: bool) -> list[str]:
-    with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                   platform.machine())
-    mem = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
-    versions = []
-    for dist in ("torch", "bitsandbytes", "transformers", "peft", "accelerate"):
-        try:
-            versions.append(f"{dist} {metadata.version(dist)}")
-        except metadata.PackageNotFoundError:
-            versions.append(f"{dist} (not installed)")
-    try:
-        rev = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True,
-                             text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        rev = "(not a git checkout)"
     fmt = lambda load: ", ".join(f"{x:.2f}" for x in load)  # noqa: E731
     lines = [f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-             f"- CPU: {cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM",
+             f"- CPU: {benchlib.cpu_name()}, {os.cpu_count()} cores, {benchlib.ram_gib():.0f} GiB RAM",
              f"- load average (1, 5, 15 min): {fmt(load_start)} at the start, {fmt(os.getloadavg())} at the end "
              "(the benchmarks themselves add about one per busy core; more is other work competing with them)"]
     if gpu:
@@ -192,7 +178,9 @@ def machine(load_start: tuple[float, ...], gpu: bool) -> list[str]:
 
         lines.append(f"- GPU: {torch.cuda.get_device_name()}, "
                      f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
-    lines += [f"- Python {platform.python_version()}; " + ", ".join(versions), f"- qlora-kit {rev}"]
+    versions = benchlib.versions(("torch", "bitsandbytes", "transformers", "peft", "accelerate"))
+    lines += [f"- Python {platform.python_version()}; " + ", ".join(versions),
+              f"- qlora-kit {benchlib.repo_revision()}"]
     return lines
 
 

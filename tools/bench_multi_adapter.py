@@ -180,12 +180,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "qlora-bench-train",
                    help="the workspace shared with tools/bench_train.py (model, tokenizer, adapters)")
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--intermediate", type=int, default=1408,
-                   help="a multiple of 64: bitsandbytes' CPU inference kernel fails on other widths (0.50)")
-    p.add_argument("--vocab", type=int, default=8192)
+    bench_train.add_shape_args(p)
     p.add_argument("--adapters", type=int, default=4)
     p.add_argument("--prompts", type=int, default=8, help="prompts per adapter")
     p.add_argument("--new-tokens", type=int, default=16)

@@ -35,15 +35,15 @@ from a checkpoint on disk and is skipped.
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
+
+import benchlib
 
 REPO = Path(__file__).resolve().parents[1]
 CONTENDERS = ("ours", "ours-nopack", "peer")
@@ -423,23 +423,22 @@ def data_line(data: Path, model_dir: Path, max_len: int) -> str:
 
 
 def environment_line(device: str) -> str:
-    with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                   platform.machine())
-    versions = []
-    for dist in ("torch", "transformers", "peft", "bitsandbytes", "accelerate"):
-        try:
-            versions.append(f"{dist} {metadata.version(dist)}")
-        except metadata.PackageNotFoundError:
-            versions.append(f"{dist} (not installed)")
     gpu = ""
     if device == "cuda":
         import torch
 
         gpu = f"GPU: {torch.cuda.get_device_name()}; "
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"{gpu}CPU: {cpu}, {os.cpu_count()} cores, load average {load} at the end; "
-            f"Python {platform.python_version()}; " + ", ".join(versions))
+    return gpu + benchlib.environment_line(("torch", "transformers", "peft", "bitsandbytes", "accelerate"))
+
+
+def add_shape_args(p: argparse.ArgumentParser) -> None:
+    """The generated workspace model's shape, shared with tools/bench_multi_adapter.py."""
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--intermediate", type=int, default=1408,
+                   help="a multiple of 64: bitsandbytes' CPU inference kernel fails on other widths (0.50)")
+    p.add_argument("--vocab", type=int, default=8192)
 
 
 def parse_args(argv=None):
@@ -451,12 +450,7 @@ def parse_args(argv=None):
     p.add_argument("--preset", help="a tools/make_checkpoint.py model shape (default: --hidden, --layers, ...)")
     p.add_argument("--no-weights", action="store_true",
                    help="write no weights: ours builds the model on the device in 4 bits (the peer is skipped)")
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--intermediate", type=int, default=1408,
-                   help="a multiple of 64: bitsandbytes' CPU inference kernel fails on other widths (0.50)")
-    p.add_argument("--vocab", type=int, default=8192)
+    add_shape_args(p)
     p.add_argument("--rows", type=int, default=128, help="synthetic rows: one epoch of them is timed")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-seq-len", type=int, default=512)

@@ -81,11 +81,17 @@ def repo_revision() -> str:
         return "(not a git checkout)"
 
 
+def cpu_name() -> str:
+    with open("/proc/cpuinfo") as f:
+        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.machine())
+
+
+def ram_gib() -> float:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
 def environment_line(dists: tuple[str, ...]) -> str:
     """CPU, cores, RAM, load average now (other work skews timings), Python and package versions, our revision."""
-    with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.machine())
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    mem = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
-    return (f"CPU: {cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, load average {load} at the end; "
+    return (f"CPU: {cpu_name()}, {os.cpu_count()} cores, {ram_gib():.0f} GiB RAM, load average {load} at the end; "
             f"Python {platform.python_version()}; " + ", ".join(versions(dists)) + f", qlora-kit {repo_revision()}")
