@@ -94,9 +94,13 @@ def quantize_4bit(A: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4")
 
 def dequantize_4bit(
     packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, shape: Sequence[int],
-    dtype: torch.dtype,
+    dtype: torch.dtype, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The tensor of `shape` and `dtype`: code[q] * absmax[block] in fp32, rounded to `dtype` to nearest even.
+
+    `out`, a contiguous tensor of that shape and dtype, receives the result instead of a new one: the export
+    dequantizes into the very buffer the weight was read into, which saves a fresh allocation (and its page
+    faults) per layer.
 
     That is bitsandbytes' reference kernel, and its CPU C kernels wherever they agree with it. They do not
     (bitsandbytes 0.50) when the last dim is a multiple of 16 but not of the blocksize -- the AVX-512 kernel
@@ -108,9 +112,12 @@ def dequantize_4bit(
     absmax = absmax.detach().float().contiguous().reshape(-1)
     if packed.numel() < (n + 1) // 2 or absmax.numel() < -(-n // blocksize):
         raise ValueError(f"{packed.numel()} bytes / {absmax.numel()} scales are too few for shape {tuple(shape)}")
+    if out is not None and (out.shape != tuple(shape) or out.dtype != dtype or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {tuple(shape)}")
     if _LIB is None:
-        return _torch_dequantize(packed, absmax, blocksize, quant_type, n, dtype).reshape(shape)
-    out = torch.empty(tuple(shape), dtype=dtype)
+        result = _torch_dequantize(packed, absmax, blocksize, quant_type, n, dtype).reshape(shape)
+        return result if out is None else out.copy_(result)
+    out = torch.empty(tuple(shape), dtype=dtype) if out is None else out
     rc = _LIB.q4_dequantize(
         packed.data_ptr(), absmax.data_ptr(), n, blocksize, _tables(quant_type)[2].data_ptr(),
         _DTYPE_CODES[dtype], out.data_ptr(), torch.get_num_threads(),

@@ -23,6 +23,7 @@ from torch import nn
 
 from qlora_kit.errors import CheckpointError
 from qlora_kit.lora import LoraConfig, QLinear
+from qlora_kit.targets import RECORD_NAME, LayerRecord, record_text
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -64,12 +65,24 @@ def adapter_config(model: nn.Module, lora: LoraConfig, base_model: str, name: st
 
 
 def save_adapter(model: nn.Module, out_dir: Path, lora: LoraConfig, base_model: str, name: str = "default") -> None:
-    """Write both files into `out_dir` (created), each atomically (temp file + rename)."""
+    """Write the PEFT files into `out_dir` (created), each atomically (temp file + rename), and beside them the
+    record of the layers the base holds in 4 bits (`targets.RECORD_NAME`) when the model came from the loader."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.to("cpu", copy=True).contiguous() for k, v in adapter_state_dict(model, name).items()}
     _atomic(out_dir / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    record = layer_record(model)
+    if record is not None:
+        _atomic(out_dir / RECORD_NAME, lambda p: Path(p).write_text(record_text(record)))
     text = json.dumps(adapter_config(model, lora, base_model, name), indent=2) + "\n"
     _atomic(out_dir / CONFIG_NAME, lambda p: Path(p).write_text(text))
+
+
+def layer_record(model: nn.Module) -> LayerRecord | None:
+    """What `load_quantized` held in 4 bits, and how; None for a model it did not build."""
+    targets, quant = getattr(model, "qlora_targets", None), getattr(model, "qlora_quant", None)
+    if not targets or quant is None:
+        return None
+    return LayerRecord(quant, getattr(model, "base_model_prefix", "") or "", dict(targets))
 
 
 def _atomic(path: Path, write) -> None:

@@ -1,22 +1,22 @@
 """Hugging Face checkpoint directories: find and validate safetensors files, read them tensor by tensor, write
 sharded output atomically.
 
-Reading uses positioned reads (`readinto` at the header's offsets) rather than a memory map: the page cache then
-holds the file, not our RSS, so a model larger than RAM streams through in constant resident memory, and a
+Reading uses positioned reads (`pread` at the header's offsets, safe from any thread) rather than a memory map:
+the page cache then holds the file, not our RSS, so a model larger than RAM streams through in constant resident memory, and a
 truncated or corrupt file is caught from its header, before any data is touched, with a message naming it.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import shutil
 import struct
 import tempfile
-from collections import deque
+import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +86,23 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     return infos
 
 
+def read_config_json(model_dir: Path) -> dict:
+    """A model directory's config.json as plain JSON (no transformers import), with one clear error each for a
+    missing directory, a missing file and invalid JSON."""
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir}: no such model directory")
+    cfg_file = model_dir / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{cfg_file}: missing; a Hugging Face model directory needs its config.json")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{cfg_file}: not a JSON object")
+    return cfg
+
+
 def weight_files(model_dir: Path) -> list[Path]:
     """The safetensors files of a checkpoint directory, validated against its index when sharded."""
     if not model_dir.is_dir():
@@ -123,27 +140,46 @@ def tensor_index(model_dir: Path) -> dict[str, TensorInfo]:
 
 
 class TensorReader:
-    """Reads tensors by name with one open handle per file; each read allocates exactly that tensor."""
+    """Reads tensors by name with one open descriptor per file; positioned reads, so threads may share it."""
 
     def __init__(self, infos: dict[str, TensorInfo]) -> None:
         self.infos = infos
-        self._handles: dict[Path, object] = {}
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor, in a new buffer or in `out` (contiguous, of its shape and dtype: a buffer the caller reuses,
+        which spares a fresh allocation's page faults)."""
         info = self.infos[name]
-        out = torch.empty(info.shape, dtype=info.dtype)
+        if out is None:
+            out = torch.empty(info.shape, dtype=info.dtype)
+        elif tuple(out.shape) != info.shape or out.dtype != info.dtype or not out.is_contiguous():
+            raise ValueError(f"{name}: out must be a contiguous {info.dtype} tensor of shape {list(info.shape)}")
         if info.nbytes != out.numel() * out.element_size():
             raise CheckpointError(f"{info.file}: tensor {name!r} has {info.nbytes} bytes for shape {info.shape}")
-        f = self._handles.get(info.file) or self._handles.setdefault(info.file, open(info.file, "rb"))
-        f.seek(info.start)
-        if info.nbytes and f.readinto(memoryview(out.view(-1).view(torch.uint8).numpy())) != info.nbytes:
-            raise CheckpointError(f"{info.file}: short read for tensor {name!r}; the file changed or is truncated")
+        fd, start, nbytes = self.source(name)
+        view = memoryview(out.view(-1).view(torch.uint8).numpy())
+        while nbytes:
+            n = os.preadv(fd, [view], start)
+            if n == 0:
+                raise CheckpointError(f"{info.file}: short read for tensor {name!r}; the file changed or is truncated")
+            view, start, nbytes = view[n:], start + n, nbytes - n
         return out
 
+    def source(self, name: str) -> tuple[int, int, int]:
+        """(file descriptor, offset, byte count) of a tensor's raw bytes, for copying them as they are."""
+        info = self.infos[name]
+        with self._lock:
+            fd = self._fds.get(info.file)
+            if fd is None:
+                fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+        return fd, info.start, info.nbytes
+
     def close(self) -> None:
-        for f in self._handles.values():
-            f.close()
-        self._handles.clear()
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
 
     def __enter__(self) -> TensorReader:
         return self
@@ -232,15 +268,13 @@ class ShardWriter:
 
 
 class StreamingShardWriter:
-    """Writes tensors straight to their place in shards whose layout is fixed up front, on a background thread.
+    """Writes tensors straight to their place in shards whose layout is fixed up front, from any thread.
 
     Why, beside `ShardWriter`: when every output's name, shape and dtype is known before any is computed (an
     export), each shard's safetensors header can be written first and every tensor `pwrite` at its offset the
-    moment it exists. Host memory is then a couple of tensors, not a shard, and the writes overlap the next
-    tensor's compute. Same file names, index and `.partial` staging as `ShardWriter`.
+    moment it exists, by whichever thread computed it, in any order. Host memory is then the tensors being
+    computed, not a shard. Same file names, index and `.partial` staging as `ShardWriter`.
     """
-
-    _IN_FLIGHT = 2  # tensors handed to the writer thread and not yet on disk: bounds memory
 
     def __init__(self, out_dir: Path, layout: list[tuple[str, tuple[int, ...], torch.dtype]],
                  max_shard_bytes: int = 5 * 1024**3) -> None:
@@ -257,9 +291,10 @@ class StreamingShardWriter:
             self._where[name] = (len(self._shards) - 1, size, nbytes, tuple(shape), dtype)
             size += nbytes
         self.total_bytes = sum(w[2] for w in self._where.values())
-        self._fds = [self._open(i, keys) for i, keys in enumerate(self._shards)]
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
-        self._pending: deque = deque()
+        self._lock = threading.Lock()
+        self._fds: list[tuple[int, int]] = []
+        for i, keys in enumerate(self._shards):
+            self._fds.append(self._open(i, keys))
 
     def _open(self, i: int, keys: list[str]) -> tuple[int, int]:
         """Create shard i with its header; (fd, offset of its data)."""
@@ -273,24 +308,43 @@ class StreamingShardWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
         fd = os.open(self.out_dir / f"shard-{i:05d}.partial", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        _pwrite_all(fd, memoryview(struct.pack("<Q", len(raw)) + raw), 0)
+        try:
+            _pwrite_all(fd, memoryview(struct.pack("<Q", len(raw)) + raw), 0)
+        except BaseException:
+            os.close(fd)
+            raise
         return fd, 8 + len(raw)
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        shard, start, nbytes, shape, dtype = self._where.pop(name)
-        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
-            raise CheckpointError(f"{name}: planned as {list(shape)} {dtype}, got {list(tensor.shape)} {tensor.dtype}")
-        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+    def _claim(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[int, int, int]:
+        """(fd, offset, nbytes) of a planned tensor, which is then no longer pending."""
+        with self._lock:
+            if name not in self._where:
+                raise CheckpointError(f"{name}: not in the planned layout, or written twice")
+            shard, start, nbytes, want_shape, want_dtype = self._where.pop(name)
+        if shape != want_shape or dtype != want_dtype:
+            raise CheckpointError(f"{name}: planned as {list(want_shape)} {want_dtype}, got {list(shape)} {dtype}")
         fd, base = self._fds[shard]
-        self._pending.append(self._pool.submit(_pwrite_all, fd, memoryview(data.numpy()), base + start))
-        while len(self._pending) > self._IN_FLIGHT:
-            self._pending.popleft().result()
+        return fd, base + start, nbytes
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Write `tensor` at its place, in the calling thread."""
+        fd, offset, _ = self._claim(name, tuple(tensor.shape), tensor.dtype)
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        _pwrite_all(fd, memoryview(data.numpy()), offset)
+
+    def copy(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, source: tuple[int, int, int]) -> None:
+        """Write a tensor that is copied as stored, straight from `source` ((fd, offset, nbytes), as
+        `TensorReader.source` gives it): in the kernel where the file systems allow, so an embedding matrix of
+        gigabytes never passes through our memory."""
+        fd, offset, nbytes = self._claim(name, tuple(shape), dtype)
+        src_fd, src_offset, src_bytes = source
+        if src_bytes != nbytes:
+            raise CheckpointError(f"{name}: the source holds {src_bytes} bytes, the layout plans {nbytes}")
+        _copy_range(src_fd, src_offset, fd, offset, nbytes)
 
     def finish(self) -> list[Path]:
-        """Wait for the writes, check every planned tensor came, then final names and the index."""
+        """Check every planned tensor came, then final names and the index."""
         try:
-            while self._pending:
-                self._pending.popleft().result()
             if self._where:
                 raise CheckpointError(f"{self.out_dir}: {len(self._where)} planned tensors were never written, "
                                       f"e.g. {next(iter(self._where))}")
@@ -299,8 +353,7 @@ class StreamingShardWriter:
         return _name_shards(self.out_dir, self._shards, self.total_bytes)
 
     def close(self) -> None:
-        """Stop the writer thread and close the files (after a failure too; AtomicDir removes them)."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Close the files (after a failure too; AtomicDir removes them)."""
         for fd, _ in self._fds:
             os.close(fd)
         self._fds = []
@@ -310,6 +363,32 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     while len(data):
         n = os.pwrite(fd, data, offset)
         data, offset = data[n:], offset + n
+
+
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM}
+_COPY_CHUNK = 16 * 1024 * 1024
+
+
+def _copy_range(src: int, src_offset: int, dst: int, dst_offset: int, nbytes: int) -> None:
+    """Copy nbytes between two files at given offsets: copy_file_range, else through a 16 MiB buffer."""
+    kernel = hasattr(os, "copy_file_range")
+    buf = None
+    while nbytes:
+        if kernel:
+            try:
+                n = os.copy_file_range(src, dst, nbytes, src_offset, dst_offset)
+            except OSError as e:
+                if e.errno not in _NO_KERNEL_COPY:
+                    raise
+                kernel = False
+                continue
+        else:
+            buf = buf or memoryview(bytearray(min(nbytes, _COPY_CHUNK)))
+            n = os.preadv(src, [buf[:min(nbytes, len(buf))]], src_offset)
+            _pwrite_all(dst, buf[:n], dst_offset)
+        if n == 0:
+            raise CheckpointError("short read while copying a tensor: the source checkpoint changed or is truncated")
+        src_offset, dst_offset, nbytes = src_offset + n, dst_offset + n, nbytes - n
 
 
 def _name_shards(out_dir: Path, shards: list[list[str]], total_bytes: int) -> list[Path]:

@@ -58,15 +58,19 @@ def _export(args: argparse.Namespace) -> int:
     from qlora_kit.export import export_merged
     from qlora_kit.quant import QuantConfig
 
-    quant = QuantConfig(args.quant_type, not args.no_double_quant, args.blocksize)
+    given = args.quant_type is not None or args.no_double_quant or args.blocksize is not None
+    quant = QuantConfig(args.quant_type or "nf4", not args.no_double_quant, args.blocksize or 64) if given else None
     report = export_merged(
         Path(args.adapter_dir), Path(args.out), base=args.base, merge_into=args.merge_into, quant=quant,
         max_shard_bytes=int(args.max_shard_gb * 1024**3), trust_remote_code=args.trust_remote_code,
         progress=not args.no_progress,
     )
+    q = report.quant
+    how = f"{q.type}{'+double-quant' if q.double_quant else ''}/{q.blocksize}, " if q is not None else ""
     print(
         f"wrote {report.out_dir}: adapter merged into {report.merged} linear layers of {report.base_dir} "
-        f"({report.merge_into} weights), {report.dequantized} more written dequantized, {report.kept} tensors kept; "
+        f"({report.merge_into} weights: {how}layers from {report.layers_from}), {report.dequantized} more written "
+        f"dequantized, {report.kept} tensors kept; "
         f"{str(report.dtype).removeprefix('torch.')}, {report.bytes_out / 1e9:.2f} GB in {report.shards} shard(s)"
     )
     return 0
@@ -137,9 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dequantized: dequant(quant(W)) + B·A, what the adapter was trained against (default); "
                         "original: W + B·A")
     e.add_argument("--max-shard-gb", type=float, default=5.0, help="shard size of the output")
-    e.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4", help="the training's 4-bit type")
+    e.add_argument("--quant-type", choices=("nf4", "fp4"),
+                   help="the training's 4-bit type (default: as the adapter's qlora_kit.json records, else nf4)")
     e.add_argument("--no-double-quant", action="store_true", help="the training kept absmax in fp32")
-    e.add_argument("--blocksize", type=int, default=64, help="the training's quantization block size")
+    e.add_argument("--blocksize", type=int, help="the training's quantization block size (default: as recorded, else 64)")
     e.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.set_defaults(func=_export)

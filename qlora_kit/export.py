@@ -2,33 +2,34 @@
 
 What is merged into. QLoRA trains the adapter against the *dequantized* 4-bit base, not the original weights, so
 by default every linear layer the adapter targets is written as W' = dequant(quant(W)) + scale·B·A, quantized
-with the settings the training used. Every other linear layer that training held in 4 bits (every linear but
-the output head and what it is tied to: `loader.quant_targets`) is written as dequant(quant(W)) too, because
-that is the weight the model saw; everything else (embeddings, norms, the head, biases) is copied as it is.
-`merge_into="original"` folds the adapter into the original W instead (W + scale·B·A) and copies the other
-linears unchanged: what peft's `merge_and_unload()` on an unquantized base produces.
+with the settings the training used (recorded beside the adapter: `targets.py`). Every other linear layer that
+training held in 4 bits (every linear but the output head and what it is tied to) is written as
+dequant(quant(W)) too, because that is the weight the model saw; everything else (embeddings, norms, the head,
+biases) is copied byte for byte. `merge_into="original"` folds the adapter into the original W instead
+(W + scale·B·A) and copies the other linears unchanged: what peft's `merge_and_unload()` on an unquantized base
+produces.
 
 A base already in the bitsandbytes 4-bit layout is dequantized as stored and written in bf16 (its original
 weights no longer exist, so "original" is refused). The output is the base's dtype otherwise.
 
-Memory: the base is read tensor by tensor and every output tensor is written to its place in its shard as soon
-as it exists (`StreamingShardWriter`), so peak host memory is a few tensors, not a shard, plus the adapter (each
-layer's factors are dropped once merged). The merge runs over blocks of rows, so its fp32 temporaries are
-small. The output directory appears only when complete, and holds sharded safetensors, config.json without any
-quantization_config, generation_config.json and the tokenizer files (the adapter directory's when it has them,
-since those are what training used; else the base's).
+How. The output layout is known before anything is computed, so each shard's header is written first and every
+tensor goes straight to its offset (`StreamingShardWriter`). Tensors are independent, so a few worker threads
+each take one whole tensor at a time — read it into a reused buffer, quantize, dequantize into that same
+buffer, merge in place, write it — with the CPU threads split between them rather than every step fanning out
+over all of them: on two cores that keeps both busy through the reads and writes, which a single pipeline with
+per-step parallelism left half idle. Copied tensors go file to file in the kernel. Peak host memory is a few
+tensors per worker, never a shard. The output directory appears only when complete, and holds sharded
+safetensors, config.json without any quantization_config, generation_config.json and the tokenizer files (the
+adapter directory's when it has them, since those are what training used; else the base's).
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 
 import torch
@@ -36,17 +37,18 @@ from tqdm import tqdm
 
 from qlora_kit.adapters import read_adapter_config, read_adapter_weights
 from qlora_kit.checkpoint import (
-    TOKENIZER_FILES, AtomicDir, StreamingShardWriter, TensorReader, copy_side_files, iter_by_file, tensor_index,
+    TOKENIZER_FILES, AtomicDir, StreamingShardWriter, TensorInfo, TensorReader, copy_side_files, iter_by_file,
+    read_config_json, tensor_index,
 )
 from qlora_kit.errors import CheckpointError, ConfigError
-from qlora_kit.loader import Target, _key_map, build_empty, checkpoint_quant_config, quant_targets, read_config
-from qlora_kit.lora import LoraConfig, merge_delta
-from qlora_kit.quant import FLOAT_DTYPES, QuantConfig, QuantizedWeight
+from qlora_kit.lora import LoraConfig, merge_delta_
+from qlora_kit.quant import FLOAT_DTYPES, QuantConfig, QuantizedWeight, stored_quant_config
+from qlora_kit.targets import Target, checkpoint_key, read_record
 
 MERGE_INTO = ("dequantized", "original")
 SIDE_FILES = ("generation_config.json",)
 BNB_DTYPE = torch.bfloat16  # the compute dtype a 4-bit base is dequantized to
-_MERGE_BLOCK = 1 << 18  # elements per row block of the merge: its fp32 temporaries (1 MiB each) stay in cache
+MAX_WORKERS = 4  # tensors in flight at once: each holds a few tensors' worth of buffers
 
 
 @dataclass
@@ -65,6 +67,10 @@ class ExportReport:
     """Other tensors, copied as they are."""
     bytes_out: int = 0
     shards: int = 0
+    layers_from: str = ""
+    """Where the quantized layers came from: the adapter's record, or the architecture (built to find them)."""
+    quant: QuantConfig | None = None
+    """The quantization the weights went through (None when merged into the original weights)."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,14 @@ class _Job:
     target: Target
     aux: tuple[str, ...]  # the quant-state entries of a weight stored in 4 bits
     lora: tuple[torch.Tensor, torch.Tensor, float] | None  # (A, B, scale), fp32
+
+
+@dataclass(frozen=True)
+class _Settings:
+    merge_into: str
+    quant: QuantConfig
+    dtype: torch.dtype
+    adapter_dir: Path
 
 
 def export_merged(
@@ -92,8 +106,9 @@ def export_merged(
     `base` defaults to the adapter's `base_model_name_or_path`, which must be a local directory. With
     merge_into="dequantized" (the default) the adapter is folded into dequant(quant(W)) — the weight it was
     trained against — and every other linear layer that training quantized is written as dequant(quant(W)) as
-    well; `quant` is the training's QuantConfig (default NF4 + double quant, blocks of 64), ignored for a base
-    that is already 4-bit, whose stored quantization is used. merge_into="original" merges into W itself.
+    well. `quant` overrides the training's quantization, which is read from the adapter's record (default NF4 +
+    double quant, blocks of 64, for an adapter without one); a base that is already 4-bit is dequantized with
+    its stored settings. merge_into="original" merges into W itself.
     """
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     if merge_into not in MERGE_INTO:
@@ -102,38 +117,36 @@ def export_merged(
         raise ConfigError(f"the maximum shard size must be positive, got {max_shard_bytes} bytes")
     lora, raw = read_adapter_config(adapter_dir)
     base_dir = _base_dir(adapter_dir, raw, base)
-    config = read_config(base_dir, trust_remote_code)
-    stored_quant = checkpoint_quant_config(config)
-    if stored_quant is not None:
-        if merge_into == "original":
-            raise ConfigError(
-                f"{base_dir} is stored in 4 bits: its original weights are gone, so there is nothing to merge "
-                "into but the dequantized ones (use merge_into dequantized, or point --base at the bf16 checkpoint)"
-            )
-        del config.quantization_config
+    config = read_config_json(base_dir)
+    stored_quant = stored_quant_config(config.get("quantization_config"))
+    if stored_quant is not None and merge_into == "original":
+        raise ConfigError(
+            f"{base_dir} is stored in 4 bits: its original weights are gone, so there is nothing to merge "
+            "into but the dequantized ones (use merge_into dequantized, or point --base at the bf16 checkpoint)"
+        )
     infos = tensor_index(base_dir)
-    model = build_empty(config, torch.bfloat16, trust_remote_code)
-    jobs = _plan(model, infos, read_adapter_weights(adapter_dir), lora, adapter_dir, base_dir)
+    record = read_record(adapter_dir)
+    if record is not None:
+        targets, prefix, layers_from = record.targets, record.base_model_prefix, "the adapter's record"
+    else:
+        targets, prefix = _architecture_targets(base_dir, trust_remote_code)
+        layers_from = "the architecture"
+    jobs = _plan(targets, prefix, infos, read_adapter_weights(adapter_dir), lora, adapter_dir, base_dir)
     dtype = BNB_DTYPE if stored_quant is not None else _base_dtype(config, infos, jobs)
-    quant = stored_quant or quant or QuantConfig()  # as the loader does: a 4-bit base's settings win
+    quant = stored_quant or quant or (record.quant if record is not None else QuantConfig())
     aux = {k for job in jobs.values() for k in job.aux}
-    report = ExportReport(out_dir, base_dir, merge_into, dtype, 0, 0, 0)
     keys = [k for k in iter_by_file(infos) if k not in aux]
-    layout = [(k, _out_shape(model, infos, k, jobs), dtype if k in jobs else infos[k].dtype) for k in keys]
+    layout = [(k, _out_shape(infos[k], jobs.get(k)), dtype if k in jobs else infos[k].dtype) for k in keys]
+    report = ExportReport(out_dir, base_dir, merge_into, dtype, 0, 0, 0, layers_from=layers_from,
+                          quant=quant if merge_into == "dequantized" else None)
+    report.merged = sum(job.lora is not None for job in jobs.values())
+    report.dequantized = 0 if merge_into == "original" else len(jobs) - report.merged
+    report.kept = len(keys) - len(jobs)
+    settings = _Settings(merge_into, quant, dtype, adapter_dir)
     with AtomicDir(out_dir) as tmp:
         writer = StreamingShardWriter(tmp, layout, max_shard_bytes)
         with TensorReader(infos) as reader, closing(writer):
-            inputs = _read_ahead(reader, keys, {k: job.aux for k, job in jobs.items()})
-            for key in tqdm(keys, desc="export", unit="tensor", disable=not progress):
-                job = jobs.pop(key, None)  # and with it the adapter factors, once merged
-                if job is None:
-                    writer.add(key, next(inputs)[key])
-                    report.kept += 1
-                    continue
-                writer.add(key, _export_linear(next(inputs), key, job, merge_into, quant, dtype, adapter_dir))
-                _release_freed_memory()
-                report.merged += job.lora is not None
-                report.dequantized += job.lora is None and merge_into == "dequantized"
+            _run(keys, jobs, reader, writer, settings, progress)
             report.shards = len(writer.finish())
         report.bytes_out = writer.total_bytes
         _write_config(base_dir, tmp, dtype)
@@ -141,6 +154,17 @@ def export_merged(
         tokenizer_src = adapter_dir if any((adapter_dir / n).is_file() for n in TOKENIZER_FILES) else base_dir
         copy_side_files(tokenizer_src, tmp)
     return report
+
+
+def _architecture_targets(base_dir: Path, trust_remote_code: bool) -> tuple[dict[str, Target], str]:
+    """The quantized layers found the slow way, by building the architecture (an adapter without a record)."""
+    from qlora_kit.loader import build_empty, quant_targets, read_config
+
+    config = read_config(base_dir, trust_remote_code)
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+    model = build_empty(config, torch.bfloat16, trust_remote_code)
+    return quant_targets(model), getattr(model, "base_model_prefix", "") or ""
 
 
 def _base_dir(adapter_dir: Path, raw: dict, base: str | Path | None) -> Path:
@@ -161,29 +185,35 @@ def _base_dir(adapter_dir: Path, raw: dict, base: str | Path | None) -> Path:
     return Path(name)
 
 
-def _plan(model, infos, weights, lora: LoraConfig, adapter_dir: Path, base_dir: Path) -> dict[str, _Job]:
+
+def _plan(targets: dict[str, Target], prefix: str, infos: dict[str, TensorInfo], weights, lora: LoraConfig,
+          adapter_dir: Path, base_dir: Path) -> dict[str, _Job]:
     """Checkpoint key of every quantized linear's weight -> its job; every adapter tensor must find its layer."""
-    targets = quant_targets(model)
-    ckpt_key = {model_key: key for key, model_key in _key_map(model, infos).items() if ".weight." not in key}
-    unknown = [m for m in weights if m not in targets]
+    unknown = [m for m in weights if m not in targets or checkpoint_key(m + ".weight", infos, prefix) is None]
     if unknown:
         shown = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
         raise CheckpointError(
             f"{adapter_dir}: adapter modules {shown} are not quantized linear layers of {base_dir} "
             "(is it the base the adapter was trained on?)"
         )
-    missing = [n for n in targets if n + ".weight" not in ckpt_key]
-    if missing:
-        raise CheckpointError(f"{base_dir}: checkpoint lacks tensors the architecture needs: {missing[0]}.weight")
     aux: dict[str, list[str]] = {}  # weight key -> its quant-state entries, when stored in 4 bits
     for key in infos:
         if ".weight." in key:
             aux.setdefault(key.split(".weight.", 1)[0] + ".weight", []).append(key)
     jobs = {}
     for name, target in targets.items():
-        key = ckpt_key[name + ".weight"]
-        factors = _factors(name, target, model, weights[name], lora, adapter_dir) if name in weights else None
-        jobs[key] = _Job(target, tuple(aux.pop(key, ())), factors)
+        key = checkpoint_key(name + ".weight", infos, prefix)
+        if key is None:
+            raise CheckpointError(f"{base_dir}: checkpoint lacks tensors the architecture needs: {name}.weight "
+                                  "(is it the base the adapter was trained on?)")
+        entries = tuple(aux.pop(key, ()))
+        if not entries and infos[key].shape != target.stored_shape:
+            raise CheckpointError(
+                f"{infos[key].file}: tensor {key!r} has shape {list(infos[key].shape)} but the model needs "
+                f"{list(target.stored_shape)}; is it the base the adapter was trained on?"
+            )
+        factors = _factors(name, target, weights[name], lora, adapter_dir) if name in weights else None
+        jobs[key] = _Job(target, entries, factors)
     stray = [k for k in aux if any(".quant_state." in e for e in aux[k])]
     if stray:
         raise CheckpointError(
@@ -193,12 +223,12 @@ def _plan(model, infos, weights, lora: LoraConfig, adapter_dir: Path, base_dir: 
     return jobs
 
 
-def _factors(name, target, model, ab, lora: LoraConfig, adapter_dir: Path) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _factors(name: str, target: Target, ab, lora: LoraConfig, adapter_dir: Path
+             ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(A, B, scale) in fp32, checked against the layer's shape; the rank is per module, as peft's rank_pattern."""
     if set(ab) != {"lora_A", "lora_B"}:
         raise CheckpointError(f"{adapter_dir}: {name} has {sorted(ab)} but needs both lora_A and lora_B")
-    shape = tuple(model.get_submodule(name).weight.shape)
-    out_f, in_f = shape[::-1] if target.transposed else shape
+    out_f, in_f = target.shape
     a, b = ab["lora_A"], ab["lora_B"]
     r = a.shape[0]
     if a.shape != (r, in_f) or b.shape != (out_f, r):
@@ -210,90 +240,132 @@ def _factors(name, target, model, ab, lora: LoraConfig, adapter_dir: Path) -> tu
     return a.float(), b.float(), scale
 
 
-def _out_shape(model, infos, key: str, jobs: dict[str, _Job]) -> tuple[int, ...]:
+def _out_shape(info: TensorInfo, job: _Job | None) -> tuple[int, ...]:
     """A written tensor's shape: as stored, except a 4-bit weight, which becomes its layer's full shape."""
-    job = jobs.get(key)
-    if job is None or not job.aux:
-        return infos[key].shape
-    return tuple(model.get_submodule(job.target.name).weight.shape)  # already in the checkpoint's orientation
+    return job.target.stored_shape if job is not None and job.aux else info.shape
 
 
-def _base_dtype(config, infos, jobs: dict[str, _Job]) -> torch.dtype:
+def _base_dtype(config: dict, infos: dict[str, TensorInfo], jobs: dict[str, _Job]) -> torch.dtype:
     """The dtype config.json declares, else that of the checkpoint's linear weights."""
-    if isinstance(config.dtype, torch.dtype) and config.dtype in FLOAT_DTYPES:
-        return config.dtype
+    declared = getattr(torch, str(config.get("dtype") or config.get("torch_dtype") or ""), None)
+    if declared in FLOAT_DTYPES:
+        return declared
     return next((infos[k].dtype for k in jobs if infos[k].dtype in FLOAT_DTYPES), torch.bfloat16)
 
 
-def _read_ahead(reader: TensorReader, keys: list[str], aux: dict[str, tuple[str, ...]]
-                ) -> Iterator[dict[str, torch.Tensor]]:
-    """Each key's tensors (a 4-bit weight with its quant state), read one key ahead on a thread: the reads
-    (a sixth of a warm export) overlap the merge instead of adding to it."""
-    def read(key: str) -> dict[str, torch.Tensor]:
-        return {k: reader.read(k) for k in (key, *aux.get(key, ()))}
-
-    with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as pool:
-        ahead = pool.submit(read, keys[0]) if keys else None
-        for nxt in [*keys[1:], None]:
-            current = ahead.result()
-            ahead = pool.submit(read, nxt) if nxt is not None else None
-            yield current
+# ---- the work: whole tensors on a few worker threads ---------------------------------------------------------
 
 
-def _export_linear(inputs, key, job: _Job, merge_into, quant, dtype, adapter_dir) -> torch.Tensor:
-    """The weight to write for one linear layer, in the checkpoint's orientation (Conv1D stays transposed)."""
-    weight = _base_weight(inputs, key, job, merge_into, quant, dtype)
+def _run(keys: list[str], jobs: dict[str, _Job], reader: TensorReader, writer: StreamingShardWriter,
+         settings: _Settings, progress: bool) -> None:
+    """Every tensor of `keys` written; the first failure (or Ctrl-C) cancels what has not started."""
+    buffers = _Buffers()
+
+    def task(key: str) -> None:
+        job = jobs.pop(key, None)  # and with it the adapter factors, once merged
+        if job is None:
+            info = reader.infos[key]
+            writer.copy(key, info.shape, info.dtype, reader.source(key))
+            return
+        weight, buffer = _export_linear(reader, buffers, key, job, settings)
+        writer.add(key, weight)
+        buffers.put(buffer)
+
+    workers, threads = _split_threads(len(keys))
+    with _torch_threads(threads), ThreadPoolExecutor(
+        workers, thread_name_prefix="export", initializer=torch.set_num_threads, initargs=(threads,)
+    ) as pool:
+        futures: list[Future] = [pool.submit(task, key) for key in keys]
+        try:
+            for future in tqdm(as_completed(futures), total=len(futures), desc="export", unit="tensor",
+                               disable=not progress):
+                future.result()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
+def _split_threads(tasks: int) -> tuple[int, int]:
+    """(workers, CPU threads each): as many single-tensor workers as threads, up to MAX_WORKERS."""
+    total = max(1, torch.get_num_threads())
+    workers = max(1, min(total, MAX_WORKERS, tasks))
+    return workers, max(1, total // workers)
+
+
+@contextmanager
+def _torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class _Buffers:
+    """Tensor buffers handed back after each write and reused by the next tensor of the same size: the layers of
+    a model repeat a few sizes, so after the first layer no read allocates (or page-faults) fresh memory."""
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[int, torch.dtype], list[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        numel = 1
+        for size in shape:
+            numel *= size
+        with self._lock:
+            free = self._free.get((numel, dtype))
+            flat = free.pop() if free else None
+        return (torch.empty(numel, dtype=dtype) if flat is None else flat).view(shape)
+
+    def put(self, buffer: torch.Tensor | None) -> None:
+        if buffer is not None:
+            with self._lock:
+                self._free.setdefault((buffer.numel(), buffer.dtype), []).append(buffer.view(-1))
+
+
+def _export_linear(reader: TensorReader, buffers: _Buffers, key: str, job: _Job, settings: _Settings
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the weight to write, in the checkpoint's orientation; the pooled buffer it lives in, if any)."""
+    weight, buffer = _base_weight(reader, buffers, key, job, settings)
     if job.lora is not None:
         a, b, scale = job.lora
         try:
-            _merge_rows(weight, a, b, scale)
+            merge_delta_(weight, a, b, scale)
         except ValueError:
             raise CheckpointError(
-                f"{adapter_dir}: merging the adapter into {key} produced non-finite weights (inf or nan); "
+                f"{settings.adapter_dir}: merging the adapter into {key} produced non-finite weights (inf or nan); "
                 "the adapter is corrupt"
             ) from None
-    return weight.t() if job.target.transposed else weight
+    return (weight.t() if job.target.transposed else weight), buffer
 
 
-def _base_weight(inputs, key, job: _Job, merge_into, quant, dtype) -> torch.Tensor:
-    """The weight the merge starts from, (out, in) in `dtype`: as stored in 4 bits, re-quantized, or original."""
+def _base_weight(reader: TensorReader, buffers: _Buffers, key: str, job: _Job, settings: _Settings
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight the merge starts from, (out, in) in the output dtype: as stored in 4 bits, re-quantized, or
+    original; computed in a pooled buffer wherever the shapes and dtypes allow."""
+    dtype = settings.dtype
     if job.aux:
         cut = len(key) - len("weight")
-        return QuantizedWeight.from_state_dict({k[cut:]: t for k, t in inputs.items()}).dequantize(dtype)
-    w = inputs[key]
+        qw = QuantizedWeight.from_state_dict({k[cut:]: reader.read(k) for k in (key, *job.aux)})
+        if tuple(qw.shape) != job.target.shape:
+            raise CheckpointError(f"{reader.infos[key].file}: {key} is stored as {list(qw.shape)} in 4 bits but the "
+                                  f"model needs {list(job.target.shape)}; is it the base the adapter was trained on?")
+        buffer = buffers.get(job.target.shape, dtype)
+        return qw.dequantize(dtype, out=buffer), buffer
+    info = reader.infos[key]
+    buffer = buffers.get(info.shape, info.dtype)
+    w = reader.read(key, out=buffer)
     w = w.t() if job.target.transposed else w
-    if merge_into == "original":
-        return w.to(dtype).contiguous()
+    if settings.merge_into == "original":
+        return w.to(dtype).contiguous(), buffer
     # Quantized exactly as the loader quantized it for training (fp64, which the loader casts, aside).
     w = w.to(torch.bfloat16) if w.dtype == torch.float64 else w
-    return QuantizedWeight.quantize(w, quant).dequantize(dtype)
-
-
-def _merge_rows(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
-    """weight += scale·B·A in place through `merge_delta`, one block of rows at a time: the same math (a row's
-    delta depends only on its own row of B) with fp32 temporaries of one block (1 MiB, cache-sized), not of the
-    whole matrix. torch threads each block's matmul; a thread pool over blocks measured slower (thread start-up
-    per layer, and a barrier per elementwise pass)."""
-    rows = max(1, _MERGE_BLOCK // weight.shape[1])
-    for i in range(0, weight.shape[0], rows):
-        weight[i:i + rows] = merge_delta(weight[i:i + rows], a, b[i:i + rows], scale)
-
-
-@cache
-def _malloc_trim():
-    libc = ctypes.util.find_library("c")
-    return getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
-
-
-def _release_freed_memory() -> None:
-    """Give the memory freed by one layer's temporaries back to the OS (glibc's malloc_trim; elsewhere a no-op).
-
-    Why: glibc keeps freed blocks below its adaptive mmap threshold in its heap, and the output tensors held for
-    the shard sit between them, so without this the process keeps most of a shard's size again in free memory
-    (0.4 GiB over a 0.56 GiB shard on llama-300m)."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    qw = QuantizedWeight.quantize(w, settings.quant)
+    in_place = w.dtype == dtype and w.is_contiguous()
+    return qw.dequantize(dtype, out=w if in_place else None), buffer
 
 
 def _write_config(base_dir: Path, out: Path, dtype: torch.dtype) -> None:

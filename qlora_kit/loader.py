@@ -9,9 +9,7 @@ entries, not by configuration flags.
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,34 +19,19 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, Generation
 from transformers.pytorch_utils import Conv1D
 from transformers.quantizers.quantizers_utils import should_convert_module
 
-from qlora_kit.checkpoint import TensorInfo, TensorReader, iter_by_file, tensor_index
+from qlora_kit.checkpoint import TensorInfo, TensorReader, iter_by_file, read_config_json, tensor_index
 from qlora_kit.errors import CheckpointError
 from qlora_kit.lora import LoraConfig, QLinear, add_lora
-from qlora_kit.quant import QuantConfig, QuantizedWeight
+from qlora_kit.quant import QuantConfig, QuantizedWeight, stored_quant_config
+from qlora_kit.targets import Target
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Target:
-    """A linear layer to hold in 4 bits; Conv1D (GPT-2) stores its weight transposed and is flipped on load."""
-
-    name: str
-    transposed: bool
-    has_bias: bool
-
-
 def read_config(model_dir: Path, trust_remote_code: bool = False) -> PretrainedConfig:
     """config.json through transformers, with one clear error for a missing file or unknown architecture."""
-    if not model_dir.is_dir():
-        raise CheckpointError(f"{model_dir}: no such model directory")
+    model_type = read_config_json(model_dir).get("model_type")
     cfg_file = model_dir / "config.json"
-    if not cfg_file.is_file():
-        raise CheckpointError(f"{cfg_file}: missing; a Hugging Face model directory needs its config.json")
-    try:
-        model_type = json.loads(cfg_file.read_text()).get("model_type")
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
     try:
         return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError) as e:
@@ -91,25 +74,18 @@ def skip_patterns(model: nn.Module) -> list[str]:
 def quant_targets(model: nn.Module) -> dict[str, Target]:
     """Every linear layer (nn.Linear or GPT-2's Conv1D) outside `skip_patterns`: these are held in 4 bits."""
     patterns = skip_patterns(model)
-    return {
-        name: Target(name, isinstance(mod, Conv1D), getattr(mod, "bias", None) is not None)
-        for name, mod in model.named_modules()
-        if isinstance(mod, (nn.Linear, Conv1D)) and should_convert_module(name, patterns)
-    }
+    targets = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nn.Linear, Conv1D)) and should_convert_module(name, patterns):
+            conv1d = isinstance(mod, Conv1D)
+            shape = tuple(mod.weight.shape)
+            targets[name] = Target(name, conv1d, getattr(mod, "bias", None) is not None, shape[::-1] if conv1d else shape)
+    return targets
 
 
 def checkpoint_quant_config(config: PretrainedConfig) -> QuantConfig | None:
     """The quant settings of a checkpoint saved in the bitsandbytes 4-bit layout, if it is one."""
-    qc = getattr(config, "quantization_config", None)
-    if qc is None:
-        return None
-    qc = qc if isinstance(qc, dict) else qc.to_dict()
-    if qc.get("quant_method") != "bitsandbytes" or not qc.get("load_in_4bit"):
-        raise CheckpointError(
-            f"config.json has quantization_config {qc.get('quant_method')!r} "
-            f"(load_in_4bit={qc.get('load_in_4bit')}); qlora-kit loads bf16/fp16/fp32 or bitsandbytes 4-bit checkpoints"
-        )
-    return QuantConfig(qc.get("bnb_4bit_quant_type", "fp4"), bool(qc.get("bnb_4bit_use_double_quant", False)))
+    return stored_quant_config(getattr(config, "quantization_config", None))
 
 
 def _key_map(model: nn.Module, infos: dict[str, TensorInfo]) -> dict[str, str]:
@@ -253,5 +229,6 @@ def load_quantized(
     if lora is not None:
         add_lora(model, lora, adapter_name)
     model.qlora_quant = quant
+    model.qlora_targets = targets  # what save_adapter records beside the adapter (targets.py)
     return model
 

@@ -4,7 +4,8 @@
 `lora_A.<name>`, `lora_B.<name>`, `lora_dropout.<name>`), of which one is active. Its forward dequantizes the
 weight on the fly in the compute dtype through an autograd function that keeps only the 4-bit weight for
 backward: the dequantized matrix is rebuilt in backward instead of being saved, which is what makes QLoRA's
-memory figures possible. Merging is one pure function (`merge_delta`), used by the module and by export alike.
+memory figures possible. Merging is one function (`merge_delta_`, in place; `merge_delta` on a copy), used by the module and by
+export alike.
 """
 
 from __future__ import annotations
@@ -82,14 +83,33 @@ def linear_4bit(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | 
     return _Dequant4bitLinear.apply(x, qweight, bias)
 
 
+_MERGE_BLOCK = 1 << 18  # elements per row block of a merge: its fp32 product (1 MiB) stays in cache
+
+
 def merge_delta(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
-    """W + scale·B·A in W's dtype, computed in fp32; refuses a non-finite result rather than ship it."""
-    merged = weight.float().addmm_(lora_b.float(), lora_a.float(), alpha=scale).to(weight.dtype)
-    # Checked after the cast, so a value that overflows W's dtype counts too; aminmax propagates NaN and is
-    # ~20x faster than isfinite().all(), which dominated the export's merge.
-    if merged.numel() and not all(math.isfinite(v) for v in torch.aminmax(merged)):
-        raise ValueError("merging the adapter produced non-finite weights (inf or nan); the adapter is corrupt")
-    return merged
+    """W + scale·B·A in W's dtype, as a new tensor; W is left as it was, also when the merge is refused."""
+    return merge_delta_(weight.clone(memory_format=torch.contiguous_format), lora_a, lora_b, scale)
+
+
+def merge_delta_(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """weight += scale·B·A in place, product in fp32 and one rounding to W's dtype; refuses a non-finite result.
+
+    Why in row blocks: a row's delta depends only on its own row of B, so one block's fp32 product (1 MiB)
+    is computed, added and checked while it is in cache, and no fp32 copy of the whole matrix ever exists.
+    The check runs after the rounding, so a value that overflows W's dtype counts too; aminmax propagates NaN
+    and is ~20x faster than isfinite().all()."""
+    out_f, in_f = weight.shape
+    rows = max(1, _MERGE_BLOCK // max(in_f, 1))
+    with torch.no_grad():  # a merge is never differentiated; the factors may still require grad
+        a = lora_a.float()
+        product = torch.empty(min(rows, out_f), in_f, device=weight.device)
+        for i in range(0, out_f, rows):
+            block = weight[i:i + rows]
+            delta = torch.mm(lora_b[i:i + rows].float(), a, out=product[:block.shape[0]])
+            block.add_(delta, alpha=scale)
+            if block.numel() and not all(math.isfinite(v) for v in torch.aminmax(block)):
+                raise ValueError("merging the adapter produced non-finite weights (inf or nan); the adapter is corrupt")
+    return weight
 
 
 @dataclass

@@ -54,6 +54,20 @@ class QuantConfig:
         return 4 + 8 / self.blocksize + 32 / (self.blocksize * NESTED_BLOCKSIZE)
 
 
+def stored_quant_config(qc) -> QuantConfig | None:
+    """The quant settings of a checkpoint saved in the bitsandbytes 4-bit layout (config.json's
+    quantization_config, a dict or transformers' object), or None when it has none."""
+    if qc is None:
+        return None
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    if qc.get("quant_method") != "bitsandbytes" or not qc.get("load_in_4bit"):
+        raise CheckpointError(
+            f"config.json has quantization_config {qc.get('quant_method')!r} "
+            f"(load_in_4bit={qc.get('load_in_4bit')}); qlora-kit loads bf16/fp16/fp32 or bitsandbytes 4-bit checkpoints"
+        )
+    return QuantConfig(qc.get("bnb_4bit_quant_type", "fp4"), bool(qc.get("bnb_4bit_use_double_quant", False)))
+
+
 def code_table(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
     """The 16 fp32 levels a 4-bit code indexes (bitsandbytes' table; tests keep the two equal)."""
     return codes.four_bit(quant_type, device)
@@ -136,12 +150,19 @@ class QuantizedWeight:
         )
         return absmax + self.offset
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The weight in `dtype` (default: the dtype it was quantized from), equal to bitsandbytes' result."""
+    def dequantize(self, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight in `dtype` (default: the dtype it was quantized from), equal to bitsandbytes' result.
+
+        `out` (CPU only): a contiguous tensor of the weight's shape and `dtype` to write into, for callers that
+        own a buffer of that size already."""
         dtype = dtype or self.dtype
         absmax = self.absmax_fp32()
         if self.device.type == "cpu":
-            return _native.dequantize_4bit(self.packed, absmax, self.blocksize, self.quant_type, self.shape, dtype)
+            return _native.dequantize_4bit(
+                self.packed, absmax, self.blocksize, self.quant_type, self.shape, dtype, out=out
+            )
+        if out is not None:
+            raise ValueError("dequantize(out=...) is for CPU weights")
         _bnb()
         return torch.ops.bitsandbytes.dequantize_4bit.default(
             self.packed, absmax, self.blocksize, self.quant_type, list(self.shape), dtype

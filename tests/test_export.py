@@ -20,7 +20,8 @@ from qlora_kit.errors import CheckpointError, ConfigError
 from qlora_kit.export import export_merged
 from qlora_kit.loader import load_quantized
 from qlora_kit.lora import LoraConfig, QLinear, merge_delta
-from qlora_kit.quant import QuantizedWeight
+from qlora_kit.quant import QuantConfig, QuantizedWeight
+from qlora_kit.targets import RECORD_NAME
 
 from conftest import VOCAB, make_tokenizer
 
@@ -88,6 +89,124 @@ def test_merged_checkpoint_is_the_quantized_base_plus_adapter(tmp_path, checkpoi
     assert err < 0.1 and err < effect / 10, (err, effect)
     if arch == "llama-tied":
         assert hf.lm_head.weight is hf.model.embed_tokens.weight
+
+
+def _without_record(adapter, dst):
+    """The same adapter as peft would have written it: no qlora_kit.json beside it."""
+    shutil.copytree(adapter, dst, ignore=shutil.ignore_patterns(RECORD_NAME))
+    return dst
+
+
+def _bert_with_prefix(bert_dir, dst):
+    """A BERT checkpoint whose keys carry the base-model prefix (`bert.`), as task-head models save it."""
+    dst.mkdir()
+    tensors = load_file(bert_dir / "model.safetensors")
+    save_file({f"bert.{k}": t for k, t in tensors.items()}, dst / "model.safetensors", metadata={"format": "pt"})
+    shutil.copy(bert_dir / "config.json", dst / "config.json")
+    return dst
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2", "bert-prefixed"])
+def test_layer_record_gives_the_same_checkpoint_as_the_architecture(tmp_path, checkpoints, arch):
+    """The kit's adapters record the layers training quantized, so export never builds the architecture; an
+    adapter without the record (peft's) is exported by building it. Same bytes either way."""
+    base = _bert_with_prefix(checkpoints["bert"], tmp_path / "bert") if arch == "bert-prefixed" else checkpoints[arch]
+    _trained(base, tmp_path / "adapter")
+    record = json.loads((tmp_path / "adapter" / RECORD_NAME).read_text())
+    assert record["quantization"] == {"type": "nf4", "double_quant": True, "blocksize": 64}
+    assert len(record["layers"]) == len(_qlinears(load_quantized(base)))
+    fast = _export(tmp_path / "adapter", tmp_path / "fast")
+    slow = _export(_without_record(tmp_path / "adapter", tmp_path / "peft"), tmp_path / "slow")
+    assert (fast.layers_from, slow.layers_from) == ("the adapter's record", "the architecture")
+    assert (fast.merged, fast.dequantized, fast.kept) == (slow.merged, slow.dequantized, slow.kept)
+    files = sorted(p.name for p in (tmp_path / "fast").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "slow").iterdir())
+    for name in files:
+        assert (tmp_path / "fast" / name).read_bytes() == (tmp_path / "slow" / name).read_bytes(), name
+
+
+def test_export_with_a_record_imports_no_transformers(tmp_path, llama_dir):
+    """The point of the record: exporting runs no model code (nor remote code) and skips seconds of imports."""
+    _trained(llama_dir, tmp_path / "adapter")
+    code = ("import sys\nfrom qlora_kit.cli import main\n"
+            f"assert main(['export', {str(tmp_path / 'adapter')!r}, '--out', {str(tmp_path / 'out')!r}, "
+            "'--no-progress']) == 0\nprint(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('transformers', 'bitsandbytes', 'accelerate', 'peft')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
+
+
+def test_record_carries_the_training_quantization(tmp_path, llama_dir):
+    """An adapter trained on FP4 without double quant is merged into *that* dequantized base, no flags needed;
+    flags given explicitly still win."""
+    quant = QuantConfig("fp4", False, 128)
+    model = load_quantized(llama_dir, quant=quant, lora=LORA)
+    save_adapter(model, tmp_path / "adapter", LORA, str(llama_dir))
+    report = _export(tmp_path / "adapter", tmp_path / "out")
+    assert report.quant == quant
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    for name, layer in _qlinears(model).items():
+        layer.merge()
+        assert torch.equal(written[name + ".weight"], layer.merged.weight), name
+    assert _export(tmp_path / "adapter", tmp_path / "nf4", quant=QuantConfig()).quant == QuantConfig()
+    assert not torch.equal(load_file(tmp_path / "nf4" / "model.safetensors")["model.layers.0.mlp.up_proj.weight"],
+                           written["model.layers.0.mlp.up_proj.weight"])
+
+
+@pytest.mark.parametrize("damage", ["json", "version", "shape"])
+def test_damaged_or_mismatched_record_is_one_clear_error(tmp_path, llama_dir, damage):
+    _trained(llama_dir, tmp_path / "adapter")
+    path = tmp_path / "adapter" / RECORD_NAME
+    record = json.loads(path.read_text())
+    if damage == "json":
+        path.write_text(path.read_text()[:-20])
+    elif damage == "version":
+        path.write_text(json.dumps({**record, "version": 99}))
+    else:  # a record (and adapter) for a wider model than this base
+        record["layers"]["model.layers.0.mlp.up_proj"]["shape"][1] *= 2
+        path.write_text(json.dumps(record))
+    match = {"json": "qlora_kit.json: unreadable", "version": "version 99",
+             "shape": "up_proj.weight.* has shape .* but the model needs"}[damage]
+    with pytest.raises(CheckpointError, match=match):
+        _export(tmp_path / "adapter", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_does_not_depend_on_the_number_of_threads(tmp_path, llama_dir):
+    """Tensors are computed by concurrent workers and written at their offsets in any order: the bytes must not
+    depend on how many there are."""
+    _trained(llama_dir, tmp_path / "adapter")
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            outs.append(_export(tmp_path / "adapter", tmp_path / f"t{threads}", max_shard_bytes=40_000).out_dir)
+            assert torch.get_num_threads() == threads  # restored after the export
+    finally:
+        torch.set_num_threads(before)
+    files = sorted(p.name for p in outs[0].iterdir())
+    assert files == sorted(p.name for p in outs[1].iterdir()) and len(files) > 3
+    assert all((outs[0] / f).read_bytes() == (outs[1] / f).read_bytes() for f in files)
+
+
+def test_copied_tensors_survive_file_systems_without_copy_file_range(tmp_path, llama_dir, monkeypatch):
+    """Tensors copied as stored go file to file in the kernel; where that is refused (EXDEV across file systems
+    on some kernels, ENOSYS elsewhere) they go through a small buffer, with the same bytes."""
+    import errno
+
+    _trained(llama_dir, tmp_path / "adapter")
+    _export(tmp_path / "adapter", tmp_path / "kernel")
+
+    def refused(*args):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", refused)
+    monkeypatch.setattr("qlora_kit.checkpoint._COPY_CHUNK", 1000)  # several chunks per tensor
+    _export(tmp_path / "adapter", tmp_path / "buffered")
+    assert (tmp_path / "kernel" / "model.safetensors").read_bytes() == (
+        tmp_path / "buffered" / "model.safetensors").read_bytes()
 
 
 def test_linears_without_adapter_are_written_dequantized(tmp_path, llama_dir):

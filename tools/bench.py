@@ -131,6 +131,7 @@ GOALS: tuple[tuple[str, float], ...] = (
     ("load time", 0.5),
     ("load peak RSS", 1.0),
     ("train tokens/s", 1.5),
+    ("export time, whole command", 0.5),
     ("export merge+save time", 0.5),
     ("export peak RSS", 1.0),
 )

@@ -10,6 +10,8 @@ base (same disk) and deleted after each run.
 Contenders (CPU):
   ours           qlora-kit export ADAPTER --out OUT --base BASE   (W' = dequant(quant_nf4_dq(W)) + s·B·A)
   ours-original  the same with --merge-into original             (W' = W + s·B·A)
+  ours-peft-adapter  `ours` on a copy of ADAPTER without qlora_kit.json, as peft would have written it: the kit
+                 then builds the architecture (transformers' modeling code) to find the quantized layers
   peer           AutoModelForCausalLM.from_pretrained(BASE, dtype=bfloat16); PeftModel.from_pretrained(model,
                  ADAPTER); merge_and_unload(); save_pretrained(OUT)   (W' = W + s·B·A)
 
@@ -17,8 +19,9 @@ Contenders (CPU):
 ours merges into dequant(quant(W)) — it quantizes and dequantizes every linear layer on top of the merge — while
 peft merges into the original W. `ours-original` is the apples-to-apples row.
 
-The adapter (r=64 on every linear but the head, PEFT format, random non-zero B) is written by `make_adapter` into
-ADAPTER (default BASE-lora-r64, outside the repo) unless it is there already. Without a base at --base, one is
+The adapter (r=64 on every linear but the head, PEFT format, random non-zero B, and the record of the quantized
+layers that the kit's trainer writes beside every adapter) is written by `make_adapter` into ADAPTER (default
+BASE-lora-r64, outside the repo) unless it is there already. Without a base at --base, one is
 generated first with tools/make_checkpoint.py (--preset).
 """
 
@@ -37,7 +40,7 @@ from pathlib import Path
 from benchlib import RESULT_MARK, environment_line, spawn, status_gib, warm_page_cache
 
 REPO = Path(__file__).resolve().parents[1]  # children import qlora_kit from this checkout unless it is installed
-CONTENDERS = ("ours", "ours-original", "peer")
+CONTENDERS = ("ours", "ours-original", "ours-peft-adapter", "peer")
 RANK, ALPHA = 64, 16
 METRICS = (  # (key, column title, format)
     ("process_s", "time s", "{:.2f}"),
@@ -52,7 +55,8 @@ METRICS = (  # (key, column title, format)
 # ---- the adapter ---------------------------------------------------------------------------------------------
 
 def make_adapter(base: Path, out: Path, rank: int = RANK, alpha: float = ALPHA, seed: int = 0) -> Path:
-    """A random PEFT LoRA adapter on every linear layer the kit quantizes (all-linear: every linear but the head).
+    """A random PEFT LoRA adapter on every linear layer the kit quantizes (all-linear: every linear but the head),
+    with the layer record the kit's trainer writes (NF4 + double quant, blocks of 64).
 
     A is Kaiming-uniform as at init; B is N(0, 0.02) rather than zeros, so the merge changes every weight."""
     import torch
@@ -60,6 +64,8 @@ def make_adapter(base: Path, out: Path, rank: int = RANK, alpha: float = ALPHA, 
 
     from qlora_kit.adapters import CONFIG_NAME, PREFIX, WEIGHTS_NAME
     from qlora_kit.loader import build_empty, quant_targets, read_config
+    from qlora_kit.quant import QuantConfig
+    from qlora_kit.targets import RECORD_NAME, LayerRecord, record_text
 
     model = build_empty(read_config(base), torch.bfloat16)
     gen = torch.Generator().manual_seed(seed)
@@ -80,7 +86,19 @@ def make_adapter(base: Path, out: Path, rank: int = RANK, alpha: float = ALPHA, 
     }
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+    record = LayerRecord(QuantConfig(), model.base_model_prefix, targets)
+    (out / RECORD_NAME).write_text(record_text(record))
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def without_record(adapter: Path) -> Path:
+    """ADAPTER-peft: the same adapter without the kit's layer record, as peft writes adapters."""
+    from qlora_kit.targets import RECORD_NAME
+
+    out = adapter.with_name(adapter.name + "-peft")
+    if not out.exists():
+        shutil.copytree(adapter, out, ignore=shutil.ignore_patterns(RECORD_NAME))
     return out
 
 
@@ -112,7 +130,7 @@ def _import_peer():
 def run_child(contender: str, base: str, adapter: str, out: str) -> None:
     start = time.perf_counter()
     run = {"ours": lambda: _import_ours("dequantized"), "ours-original": lambda: _import_ours("original"),
-           "peer": _import_peer}[contender]()
+           "ours-peft-adapter": lambda: _import_ours("dequantized"), "peer": _import_peer}[contender]()
     import_s = time.perf_counter() - start
     rss_import = status_gib("VmRSS")
     start = time.perf_counter()
@@ -142,7 +160,8 @@ def compare_outputs(outs: dict[str, Path]) -> list[str]:
                     yield k, st.get_tensor(k)
 
     lines = []
-    pairs = [("ours-original", "peer", "same math: only rounding may differ"),
+    pairs = [("ours", "ours-peft-adapter", "same work, layers found two ways: must be 0"),
+             ("ours-original", "peer", "same math: only rounding may differ"),
              ("ours", "peer", "differ by the NF4 quantization error of the base")]
     for a, b, note in pairs:
         if a not in outs or b not in outs:
@@ -175,7 +194,7 @@ def table(results: dict[str, list[dict]]) -> str:
             cells.append(cell)
         rows.append(f"| {contender} | {len(ok)}/{len(runs)} | " + " | ".join(cells) + " |")
     peer = medians.get("peer")
-    for ours in ("ours", "ours-original"):
+    for ours in ("ours", "ours-original", "ours-peft-adapter"):
         if peer and ours in medians:
             cells = [f"{medians[ours][k] / peer[k]:.2f}x" if peer[k] else "-" for k, _, _ in METRICS]
             rows.append(f"| {ours}/peer | | " + " | ".join(cells) + " |")
@@ -183,14 +202,17 @@ def table(results: dict[str, list[dict]]) -> str:
 
 
 def write_rows(path: Path, results: dict[str, list[dict]], base: Path, argv) -> None:
-    """Medians of merge+save time and peak RSS, ours and ours-original against peer, as rows for tools/bench.py."""
-    keys = (("work_s", "export merge+save time", "s"), ("peak_rss_gib", "export peak RSS", "GiB"))
+    """Medians of the whole command's time, merge+save time and peak RSS, each of ours against peer, as rows for
+    tools/bench.py."""
+    keys = (("process_s", "export time, whole command", "s"), ("work_s", "export merge+save time", "s"),
+            ("peak_rss_gib", "export peak RSS", "GiB"))
     med = {c: {k: statistics.median(r[k] for r in runs if "error" not in r) for k, _, _ in keys}
            for c, runs in results.items() if any("error" not in r for r in runs)}
     command = "python tools/bench_export.py " + " ".join(sys.argv[1:] if argv is None else argv)
     rows = [{"name": f"{name}, {base.name} ({ours})", "ours": med[ours][k], "peer": med["peer"][k], "unit": unit,
              "better": "lower", "ratio": med[ours][k] / med["peer"][k], "command": command}
-            for ours in ("ours", "ours-original") for k, name, unit in keys if {ours, "peer"} <= med.keys()]
+            for ours in ("ours", "ours-original", "ours-peft-adapter") for k, name, unit in keys
+            if {ours, "peer"} <= med.keys()]
     path.write_text(json.dumps(rows, indent=2) + "\n")
 
 
@@ -220,6 +242,7 @@ def main(argv=None) -> int:
     if not adapter.exists():
         sys.path.insert(0, str(REPO))
         make_adapter(args.base, adapter)
+    adapters = {c: adapter for c in CONTENDERS} | {"ours-peft-adapter": without_record(adapter)}
     contenders = args.only or list(CONTENDERS)
     cache = warm_page_cache(args.base, "base")
     results = {c: [] for c in contenders}
@@ -227,7 +250,7 @@ def main(argv=None) -> int:
         outs = {c: Path(tmp, c) for c in contenders}
         for i in range(args.repeats):
             for contender in contenders:
-                results[contender].append(measure(contender, args.base, adapter, outs[contender]))
+                results[contender].append(measure(contender, args.base, adapters[contender], outs[contender]))
                 if i < args.repeats - 1 or not args.check:
                     shutil.rmtree(outs[contender], ignore_errors=True)
         print(f"## Merge a LoRA adapter (r={RANK}, alpha={ALPHA}, all linear layers) into {args.base} and save it\n\n"
@@ -237,7 +260,9 @@ def main(argv=None) -> int:
               "time over all threads, the figure a busy machine distorts least;\nimport: the contender's imports; "
               "merge+save: the export call alone.\npeak RSS: the child's high-water mark (ru_maxrss), imports "
               "included.\nours merges into dequant(quant(W)) (what QLoRA trained against) and so also quantizes "
-              "and dequantizes every linear;\nours-original and peer both compute W + s·B·A (same math).")
+              "and dequantizes every linear;\nours-original and peer both compute W + s·B·A (same math); "
+              "ours-peft-adapter is ours on an adapter without the kit's layer record,\nso it imports transformers "
+              "and builds the architecture during merge+save (the peer's import column has that import instead).")
         if args.check:
             print("\n" + "\n".join(compare_outputs({c: p for c, p in outs.items() if p.exists()})))
     print(f"\ncommand: python tools/bench_export.py {' '.join(argv if argv is not None else sys.argv[1:])}")
