@@ -9,6 +9,7 @@ subset of modules). The adapter's modules are found by name in the loaded model;
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tempfile
@@ -23,7 +24,9 @@ from torch import nn
 
 from qlora_kit.errors import CheckpointError
 from qlora_kit.lora import LoraConfig, QLinear
-from qlora_kit.targets import RECORD_NAME, LayerRecord, record_text
+from qlora_kit.targets import RECORD_NAME, LayerRecord, read_record, record_text
+
+log = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -140,6 +143,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
     adapter_dir = Path(adapter_dir)
     lora, _ = read_adapter_config(adapter_dir)
     weights = read_adapter_weights(adapter_dir)
+    _check_quantization(model, adapter_dir)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QLinear)}
     for module_name, ab in weights.items():
         layer = layers.get(module_name)
@@ -160,6 +164,22 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
             with torch.no_grad():
                 param.copy_(ab[key])
     return lora
+
+
+def _check_quantization(model: nn.Module, adapter_dir: Path) -> None:
+    """Warn when the adapter was trained against a base quantized otherwise than this one: it still loads (serving
+    on another base can be deliberate), but its outputs will not be the ones evaluated after training."""
+    record, quant = read_record(adapter_dir), getattr(model, "qlora_quant", None)
+    if record is not None and quant is not None and record.quant != quant:
+        log.warning(
+            "%s was trained against a %s base; this model holds %s, so its outputs will differ from training's "
+            "(load the base with the recorded quantization to match)", adapter_dir, _describe(record.quant),
+            _describe(quant),
+        )
+
+
+def _describe(quant) -> str:
+    return f"{quant.type}{'+double-quant' if quant.double_quant else ''}/{quant.blocksize}"
 
 
 # --- several adapters on one base ------------------------------------------------------------------------

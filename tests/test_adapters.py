@@ -94,6 +94,21 @@ def _two_adapters(llama_dir, dtype=torch.bfloat16):
     return model
 
 
+def test_adapter_trained_on_another_quantization_loads_with_a_warning(tmp_path, llama_dir, caplog):
+    """The record beside the adapter says what base it was trained against; another one still loads, but says so."""
+    from qlora_kit.quant import QuantConfig
+
+    trained = load_quantized(llama_dir, quant=QuantConfig("fp4", False, 128), lora=LoraConfig(r=4, alpha=8))
+    save_adapter(trained, tmp_path / "fp4", LoraConfig(r=4, alpha=8), str(llama_dir))
+    with caplog.at_level("WARNING", logger="qlora_kit.adapters"):
+        load_adapter(load_quantized(llama_dir, quant=QuantConfig("fp4", False, 128)), tmp_path / "fp4")
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="qlora_kit.adapters"):
+        load_adapter(load_quantized(llama_dir), tmp_path / "fp4")
+    assert [r.getMessage() for r in caplog.records if "fp4/128 base; this model holds nf4+double-quant/64" in
+            r.getMessage()], caplog.text
+
+
 def test_switch_disable_merge_unmerge_without_reloading(llama_dir):
     model = _two_adapters(llama_dir, torch.float32)  # fp32 compute: merged == unmerged up to float rounding
     x = torch.randint(0, VOCAB, (2, 8))

@@ -324,6 +324,8 @@ BAD_INPUTS = {
     "export-base-gone": (_export(_adapter_edit(lambda p: (p / "adapter_config.json").write_text(json.dumps(
         {**json.loads((p / "adapter_config.json").read_text()), "base_model_name_or_path": "/gone/base"})))),
         ["'/gone/base'", "pass --base"]),
+    "export-layer-record-damaged": (_export(_adapter_edit(lambda p: _truncate(p / RECORD_NAME))),
+                                    ["qlora_kit.json: unreadable", "restore it", "or delete it"]),
     "export-base-pickle-only": (lambda ws, tmp: [*_export()(ws, tmp), "--base", str(_pickle_only(ws, tmp))],
                                 ["only pickle weights", "safetensors only"]),
     "export-out-exists": (_export(None, out=_empty_dir), ["out: already exists", "choose another"]),
@@ -709,7 +711,7 @@ def test_sigkill_at_random_moments_then_resume_is_exact(ws, tmp_path):
 
 @pytest.mark.parametrize("at", ["header", "data"])
 def test_disk_full_while_export_streams_shards(ws, tmp_path, capsys, monkeypatch, at):
-    """Export writes each tensor into its shard from a writer thread; ENOSPC there still becomes one line."""
+    """Export writes each tensor into its shard from worker threads; ENOSPC there still becomes one line."""
     from qlora_kit import checkpoint
 
     real = checkpoint._pwrite_all
