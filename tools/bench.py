@@ -55,7 +55,8 @@ def cpu_benches(work: Path) -> list[Bench]:
     return [
         Bench("NF4 quantize / dequantize", "bench_quant.py", ["--rows", "4096", "--cols", "4096", "--repeats", "3"],
               ["--repeats", "5"]),
-        Bench("load a checkpoint in 4 bits", "bench_load.py", ["--model", small], ["--model", big, "--repeats", "3"]),
+        Bench("load a checkpoint in 4 bits", "bench_load.py", ["--model", small, "--repeats", "3"],
+              ["--model", big, "--repeats", "3"]),
         Bench("QLoRA training", "bench_train.py", ["--workdir", str(work / "train")],
               ["--workdir", str(work / "train"), "--rows", "256", "--max-seq-len", "512", "--repeats", "3"]),
         # 300M even in quick mode: at 160M the fixed costs (imports, building the model skeleton) are half the time
