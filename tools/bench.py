@@ -169,7 +169,7 @@ def advantage(row: dict) -> float:
 
 # ---- the report ------------------------------------------------------------------------------------------------
 
-def machine(load_start: tuple[float, ...], gpu: bool) -> list[str]:
+def machine(load_start: tuple[float, ...], gpu: bool, revision: str) -> list[str]:
     fmt = lambda load: ", ".join(f"{x:.2f}" for x in load)  # noqa: E731
     lines = [f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
              f"- CPU: {benchlib.cpu_name()}, {os.cpu_count()} cores, {benchlib.ram_gib():.0f} GiB RAM",
@@ -182,7 +182,7 @@ def machine(load_start: tuple[float, ...], gpu: bool) -> list[str]:
                      f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
     versions = benchlib.versions(("torch", "bitsandbytes", "transformers", "peft", "accelerate"))
     lines += [f"- Python {platform.python_version()}; " + ", ".join(versions),
-              f"- qlora-kit {benchlib.repo_revision()}"]
+              f"- qlora-kit {revision}"]
     return lines
 
 
@@ -201,7 +201,7 @@ def fmt_value(value: float | None, unit: str) -> str:
     return f"{value:,.3f} {unit}" if value < 10 else f"{value:,.1f} {unit}"
 
 
-def report(benches: list[Bench], argv: list[str], load_start, gpu: bool, chart: Path | None) -> str:
+def report(benches: list[Bench], argv: list[str], load_start, gpu: bool, chart: Path | None, revision: str) -> str:
     mode = ("full" if "--full" in argv else "quick") + (" + GPU" if gpu else "")
     lines = ["# Benchmarks", "",
              f"Written by `{' '.join(['python tools/bench.py', *argv])}` ({mode} sizes). ours/peer is ours divided by the "
@@ -220,7 +220,7 @@ def report(benches: list[Bench], argv: list[str], load_start, gpu: bool, chart: 
     notes = REPO / "docs" / "benchmark-notes.md"  # hand-written reading of the figures, kept across rewrites
     if notes.is_file():
         lines += ["", notes.read_text().strip()]
-    lines += ["", "## Machine", "", *machine(load_start, gpu)]
+    lines += ["", "## Machine", "", *machine(load_start, gpu, revision)]
     if chart:
         lines += ["", f"![ours against the peer, per row, with the goals]({chart.relative_to(REPO).as_posix()})"]
     for bench in benches:
@@ -282,6 +282,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     load_start = os.getloadavg()
+    revision = benchlib.repo_revision()  # before this run rewrites the chart, which would read as "-dirty"
     if args.gpu:
         import torch
 
@@ -297,7 +298,7 @@ def main(argv=None) -> int:
     for bench in benches:
         run_bench(bench, args.full, args.workdir)
     chart = plot(benches, args.chart)
-    args.out.write_text(report(benches, argv, load_start, args.gpu, chart))
+    args.out.write_text(report(benches, argv, load_start, args.gpu, chart, revision))
     print(f"\nwrote {args.out}" + (f" and {chart}" if chart else ""))
     return 0 if all(b.status == "ok" for b in benches) else 1
 
