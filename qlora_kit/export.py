@@ -17,8 +17,9 @@ tensor goes straight to its offset (`StreamingShardWriter`). Tensors are indepen
 each take one whole tensor at a time — read it into a reused buffer, quantize, dequantize into that same
 buffer, merge in place, write it — with the CPU threads split between them rather than every step fanning out
 over all of them: on two cores that keeps both busy through the reads and writes, which a single pipeline with
-per-step parallelism left half idle. Copied tensors go file to file in the kernel. Peak host memory is a few
-tensors per worker, never a shard. The output directory appears only when complete, and holds sharded
+per-step parallelism left half idle. Copied tensors go file to file in the kernel, and each layer's adapter
+factors are read when that layer is merged. Peak host memory is a few tensors per worker, never a shard, nor
+the whole adapter. The output directory appears only when complete, and holds sharded
 safetensors, config.json without any quantization_config, generation_config.json and the tokenizer files (the
 adapter directory's when it has them, since those are what training used; else the base's).
 """
@@ -35,7 +36,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from qlora_kit.adapters import read_adapter_config, read_adapter_weights
+from qlora_kit.adapters import adapter_index, read_adapter_config
 from qlora_kit.checkpoint import (
     TOKENIZER_FILES, AtomicDir, StreamingShardWriter, TensorInfo, TensorReader, copy_side_files, iter_by_file,
     read_config_json, tensor_index,
@@ -79,7 +80,7 @@ class _Job:
 
     target: Target
     aux: tuple[str, ...]  # the quant-state entries of a weight stored in 4 bits
-    lora: tuple[torch.Tensor, torch.Tensor, float] | None  # (A, B, scale), fp32
+    lora: tuple[str, str, float] | None  # the adapter file's keys of A and B, and the scale
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,8 @@ class _Settings:
     quant: QuantConfig
     dtype: torch.dtype
     adapter_dir: Path
+    adapter: TensorReader
+    """The adapter file: each layer's factors are read when that layer is merged."""
 
 
 def export_merged(
@@ -131,7 +134,8 @@ def export_merged(
     else:
         targets, prefix = _architecture_targets(base_dir, trust_remote_code)
         layers_from = "the architecture"
-    jobs = _plan(targets, prefix, infos, read_adapter_weights(adapter_dir), lora, adapter_dir, base_dir)
+    adapter_infos, adapter_keys = adapter_index(adapter_dir)
+    jobs = _plan(targets, prefix, infos, (adapter_infos, adapter_keys), lora, adapter_dir, base_dir)
     dtype = BNB_DTYPE if stored_quant is not None else _base_dtype(config, infos, jobs)
     quant = stored_quant or quant or (record.quant if record is not None else QuantConfig())
     aux = {k for job in jobs.values() for k in job.aux}
@@ -142,8 +146,8 @@ def export_merged(
     report.merged = sum(job.lora is not None for job in jobs.values())
     report.dequantized = 0 if merge_into == "original" else len(jobs) - report.merged
     report.kept = len(keys) - len(jobs)
-    settings = _Settings(merge_into, quant, dtype, adapter_dir)
-    with AtomicDir(out_dir) as tmp:
+    with AtomicDir(out_dir) as tmp, TensorReader(adapter_infos) as adapter:
+        settings = _Settings(merge_into, quant, dtype, adapter_dir, adapter)
         writer = StreamingShardWriter(tmp, layout, max_shard_bytes)
         with TensorReader(infos) as reader, closing(writer):
             _run(keys, jobs, reader, writer, settings, progress)
@@ -186,9 +190,12 @@ def _base_dir(adapter_dir: Path, raw: dict, base: str | Path | None) -> Path:
 
 
 
-def _plan(targets: dict[str, Target], prefix: str, infos: dict[str, TensorInfo], weights, lora: LoraConfig,
+def _plan(targets: dict[str, Target], prefix: str, infos: dict[str, TensorInfo], adapter, lora: LoraConfig,
           adapter_dir: Path, base_dir: Path) -> dict[str, _Job]:
-    """Checkpoint key of every quantized linear's weight -> its job; every adapter tensor must find its layer."""
+    """Checkpoint key of every quantized linear's weight -> its job; every adapter tensor must find its layer.
+    `adapter` is `adapters.adapter_index`'s (tensor index, module -> keys): shapes are checked here, before any
+    data is read."""
+    adapter_infos, weights = adapter
     unknown = [m for m in weights if m not in targets or checkpoint_key(m + ".weight", infos, prefix) is None]
     if unknown:
         shown = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
@@ -212,7 +219,7 @@ def _plan(targets: dict[str, Target], prefix: str, infos: dict[str, TensorInfo],
                 f"{infos[key].file}: tensor {key!r} has shape {list(infos[key].shape)} but the model needs "
                 f"{list(target.stored_shape)}; is it the base the adapter was trained on?"
             )
-        factors = _factors(name, target, weights[name], lora, adapter_dir) if name in weights else None
+        factors = _factors(name, target, weights[name], adapter_infos, lora, adapter_dir) if name in weights else None
         jobs[key] = _Job(target, entries, factors)
     stray = [k for k in aux if any(".quant_state." in e for e in aux[k])]
     if stray:
@@ -223,21 +230,22 @@ def _plan(targets: dict[str, Target], prefix: str, infos: dict[str, TensorInfo],
     return jobs
 
 
-def _factors(name: str, target: Target, ab, lora: LoraConfig, adapter_dir: Path
-             ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(A, B, scale) in fp32, checked against the layer's shape; the rank is per module, as peft's rank_pattern."""
+def _factors(name: str, target: Target, ab: dict[str, str], infos: dict[str, TensorInfo], lora: LoraConfig,
+             adapter_dir: Path) -> tuple[str, str, float]:
+    """(key of A, key of B, scale), their shapes checked against the layer's; the rank is per module, as peft's
+    rank_pattern."""
     if set(ab) != {"lora_A", "lora_B"}:
         raise CheckpointError(f"{adapter_dir}: {name} has {sorted(ab)} but needs both lora_A and lora_B")
     out_f, in_f = target.shape
-    a, b = ab["lora_A"], ab["lora_B"]
-    r = a.shape[0]
-    if a.shape != (r, in_f) or b.shape != (out_f, r):
+    a, b = infos[ab["lora_A"]], infos[ab["lora_B"]]
+    r = a.shape[0] if a.shape else 0
+    if a.shape != (r, in_f) or b.shape != (out_f, r) or a.dtype not in FLOAT_DTYPES or b.dtype not in FLOAT_DTYPES:
         raise CheckpointError(
-            f"{adapter_dir}: {name} has lora_A {list(a.shape)} and lora_B {list(b.shape)}, but the base layer is "
-            f"{out_f}x{in_f} (out x in); is it the base the adapter was trained on?"
+            f"{adapter_dir}: {name} has lora_A {list(a.shape)} {a.dtype} and lora_B {list(b.shape)} {b.dtype}, but "
+            f"the base layer is {out_f}x{in_f} (out x in); is it the base the adapter was trained on?"
         )
     scale = LoraConfig(r, lora.alpha, lora.dropout, lora.target_modules, lora.use_rslora).scale
-    return a.float(), b.float(), scale
+    return ab["lora_A"], ab["lora_B"], scale
 
 
 def _out_shape(info: TensorInfo, job: _Job | None) -> tuple[int, ...]:
@@ -262,7 +270,7 @@ def _run(keys: list[str], jobs: dict[str, _Job], reader: TensorReader, writer: S
     buffers = _Buffers()
 
     def task(key: str) -> None:
-        job = jobs.pop(key, None)  # and with it the adapter factors, once merged
+        job = jobs.pop(key, None)
         if job is None:
             info = reader.infos[key]
             writer.copy(key, info.shape, info.dtype, reader.source(key))
@@ -331,7 +339,8 @@ def _export_linear(reader: TensorReader, buffers: _Buffers, key: str, job: _Job,
     """(the weight to write, in the checkpoint's orientation; the pooled buffer it lives in, if any)."""
     weight, buffer = _base_weight(reader, buffers, key, job, settings)
     if job.lora is not None:
-        a, b, scale = job.lora
+        key_a, key_b, scale = job.lora
+        a, b = settings.adapter.read(key_a), settings.adapter.read(key_b)
         try:
             merge_delta_(weight, a, b, scale)
         except ValueError:
