@@ -129,11 +129,8 @@ def export_merged(
         )
     infos = tensor_index(base_dir)
     record = read_record(adapter_dir)
-    if record is not None:
-        targets, prefix, layers_from = record.targets, record.base_model_prefix, "the adapter's record"
-    else:
-        targets, prefix = _architecture_targets(base_dir, trust_remote_code)
-        layers_from = "the architecture"
+    targets, prefix = (record.targets, record.base_model_prefix) if record is not None else \
+        _architecture_targets(base_dir, trust_remote_code)
     adapter_infos, adapter_keys = adapter_index(adapter_dir)
     jobs = _plan(targets, prefix, infos, (adapter_infos, adapter_keys), lora, adapter_dir, base_dir)
     dtype = BNB_DTYPE if stored_quant is not None else _base_dtype(config, infos, jobs)
@@ -141,11 +138,13 @@ def export_merged(
     aux = {k for job in jobs.values() for k in job.aux}
     keys = [k for k in iter_by_file(infos) if k not in aux]
     layout = [(k, _out_shape(infos[k], jobs.get(k)), dtype if k in jobs else infos[k].dtype) for k in keys]
-    report = ExportReport(out_dir, base_dir, merge_into, dtype, 0, 0, 0, layers_from=layers_from,
-                          quant=quant if merge_into == "dequantized" else None)
-    report.merged = sum(job.lora is not None for job in jobs.values())
-    report.dequantized = 0 if merge_into == "original" else len(jobs) - report.merged
-    report.kept = len(keys) - len(jobs)
+    merged = sum(job.lora is not None for job in jobs.values())
+    report = ExportReport(
+        out_dir, base_dir, merge_into, dtype, merged=merged, kept=len(keys) - len(jobs),
+        dequantized=0 if merge_into == "original" else len(jobs) - merged,
+        layers_from="the adapter's record" if record is not None else "the architecture",
+        quant=quant if merge_into == "dequantized" else None,
+    )
     with AtomicDir(out_dir) as tmp, TensorReader(adapter_infos) as adapter:
         settings = _Settings(merge_into, quant, dtype, adapter_dir, adapter)
         writer = StreamingShardWriter(tmp, layout, max_shard_bytes)
