@@ -2,8 +2,9 @@
 sharded output atomically.
 
 Reading uses positioned reads (`pread` at the header's offsets, safe from any thread) rather than a memory map:
-the page cache then holds the file, not our RSS, so a model larger than RAM streams through in constant resident memory, and a
-truncated or corrupt file is caught from its header, before any data is touched, with a message naming it.
+the page cache then holds the file, not our RSS, so a model larger than RAM streams through in constant resident
+memory, and a truncated or corrupt file is caught from its header, before any data is touched, with a message
+naming it.
 """
 
 from __future__ import annotations
@@ -293,8 +294,12 @@ class StreamingShardWriter:
         self.total_bytes = sum(w[2] for w in self._where.values())
         self._lock = threading.Lock()
         self._fds: list[tuple[int, int]] = []
-        for i, keys in enumerate(self._shards):
-            self._fds.append(self._open(i, keys))
+        try:
+            for i, keys in enumerate(self._shards):
+                self._fds.append(self._open(i, keys))
+        except BaseException:
+            self.close()
+            raise
 
     def _open(self, i: int, keys: list[str]) -> tuple[int, int]:
         """Create shard i with its header; (fd, offset of its data)."""

@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quant-type", choices=("nf4", "fp4"),
                    help="the training's 4-bit type (default: as the adapter's qlora_kit.json records, else nf4)")
     e.add_argument("--no-double-quant", action="store_true", help="the training kept absmax in fp32")
-    e.add_argument("--blocksize", type=int, help="the training's quantization block size (default: as recorded, else 64)")
+    e.add_argument("--blocksize", type=int,
+                   help="the training's quantization block size (default: as recorded, else 64)")
     e.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.set_defaults(func=_export)

@@ -79,7 +79,8 @@ def quant_targets(model: nn.Module) -> dict[str, Target]:
         if isinstance(mod, (nn.Linear, Conv1D)) and should_convert_module(name, patterns):
             conv1d = isinstance(mod, Conv1D)
             shape = tuple(mod.weight.shape)
-            targets[name] = Target(name, conv1d, getattr(mod, "bias", None) is not None, shape[::-1] if conv1d else shape)
+            has_bias = getattr(mod, "bias", None) is not None
+            targets[name] = Target(name, conv1d, has_bias, shape[::-1] if conv1d else shape)
     return targets
 
 

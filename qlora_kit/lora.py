@@ -4,8 +4,8 @@
 `lora_A.<name>`, `lora_B.<name>`, `lora_dropout.<name>`), of which one is active. Its forward dequantizes the
 weight on the fly in the compute dtype through an autograd function that keeps only the 4-bit weight for
 backward: the dequantized matrix is rebuilt in backward instead of being saved, which is what makes QLoRA's
-memory figures possible. Merging is one function (`merge_delta_`, in place; `merge_delta` on a copy), used by the module and by
-export alike.
+memory figures possible. Merging is one function (`merge_delta_`, in place; `merge_delta` on a copy), used by the
+module and by export alike.
 """
 
 from __future__ import annotations

@@ -201,7 +201,8 @@ def fmt_value(value: float | None, unit: str) -> str:
     return f"{value:,.3f} {unit}" if value < 10 else f"{value:,.1f} {unit}"
 
 
-def report(benches: list[Bench], argv: list[str], load_start, gpu: bool, chart: Path | None, revision: str) -> str:
+def report(benches: list[Bench], argv: list[str], load_start, gpu: bool, chart: Path | None,
+           revision: str) -> str:
     mode = ("full" if "--full" in argv else "quick") + (" + GPU" if gpu else "")
     lines = ["# Benchmarks", "",
              f"Written by `{' '.join(['python tools/bench.py', *argv])}` ({mode} sizes). ours/peer is ours divided by the "
