@@ -27,6 +27,7 @@ adapter directory's when it has them, since those are what training used; else t
 from __future__ import annotations
 
 import json
+import math
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from contextlib import closing, contextmanager
@@ -319,9 +320,7 @@ class _Buffers:
         self._lock = threading.Lock()
 
     def get(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        numel = 1
-        for size in shape:
-            numel *= size
+        numel = math.prod(shape)
         with self._lock:
             free = self._free.get((numel, dtype))
             flat = free.pop() if free else None

@@ -23,7 +23,7 @@ from qlora_kit.checkpoint import TensorInfo, TensorReader, iter_by_file, read_co
 from qlora_kit.errors import CheckpointError
 from qlora_kit.lora import LoraConfig, QLinear, add_lora
 from qlora_kit.quant import QuantConfig, QuantizedWeight, stored_quant_config
-from qlora_kit.targets import Target
+from qlora_kit.targets import Target, prefix_variants
 
 log = logging.getLogger(__name__)
 
@@ -92,16 +92,14 @@ def checkpoint_quant_config(config: PretrainedConfig) -> QuantConfig | None:
 def _key_map(model: nn.Module, infos: dict[str, TensorInfo]) -> dict[str, str]:
     """Checkpoint key -> model key, bridging a base-model prefix (`bert.`) present on one side only."""
     wanted = set(model.state_dict(keep_vars=True))
-    prefix = getattr(model, "base_model_prefix", "") + "."
+    prefix = getattr(model, "base_model_prefix", "") or ""
     out = {}
     for key in infos:
         base = key.split(".weight.", 1)[0] + ".weight" if ".weight." in key else key
-        if base in wanted:
-            out[key] = key
-        elif key.startswith(prefix) and base[len(prefix):] in wanted:
-            out[key] = key[len(prefix):]
-        elif prefix + base in wanted:
-            out[key] = prefix + key
+        pairs = zip(prefix_variants(base, prefix), prefix_variants(key, prefix))
+        match = next((variant for base_variant, variant in pairs if base_variant in wanted), None)
+        if match is not None:
+            out[key] = match
     return out
 
 

@@ -90,11 +90,15 @@ def _shape(value) -> tuple[int, int]:
     return out_f, in_f
 
 
+def prefix_variants(key: str, prefix: str) -> list[str]:
+    """The names one tensor may have when a checkpoint and a model disagree on the base-model prefix (`bert.`):
+    as it is, without the prefix, with it — in the order transformers tries them when it loads."""
+    if not prefix:
+        return [key]
+    dotted = prefix + "."
+    return [key, *([key[len(dotted):]] if key.startswith(dotted) else []), dotted + key]
+
+
 def checkpoint_key(key: str, stored: Container[str], prefix: str) -> str | None:
-    """The checkpoint's name for the model's tensor `key`, bridging a base-model prefix (`bert.`) present on one
-    side only, as transformers does when it loads."""
-    dotted = prefix + "." if prefix else ""
-    candidates = [key, dotted + key] if dotted else [key]
-    if dotted and key.startswith(dotted):
-        candidates.append(key[len(dotted):])
-    return next((c for c in candidates if c in stored), None)
+    """The checkpoint's name for the model's tensor `key` (None when the checkpoint lacks it)."""
+    return next((c for c in prefix_variants(key, prefix) if c in stored), None)
