@@ -24,7 +24,7 @@ from torch import nn
 
 from qlora_kit.checkpoint import TensorInfo, read_header
 from qlora_kit.errors import CheckpointError
-from qlora_kit.lora import LoraConfig, QLinear
+from qlora_kit.lora import LoraConfig, QLinear, route_rows
 from qlora_kit.targets import RECORD_NAME, LayerRecord, read_record, record_text
 
 log = logging.getLogger(__name__)
@@ -241,7 +241,10 @@ def unmerge_adapters(model: nn.Module) -> None:
 @contextmanager
 def per_row_adapters(model: nn.Module, names: list[str | None]) -> Iterator[None]:
     """`with per_row_adapters(model, ["a", "b", None, "a"]):` runs row i of every batch with adapter names[i]
-    (None: the bare base) in one forward pass; outputs equal running each row alone with its adapter."""
+    (None: the bare base) in one forward pass; outputs equal running each row alone with its adapter.
+
+    Safe to enter from several threads at once on one model, and nested: the routing belongs to the calling
+    thread's context (`lora.route_rows`), not to the layers, so concurrent requests never see each other's rows."""
     unknown = {n for n in names if n is not None} - set(adapter_names(model))
     if unknown:
         raise CheckpointError(f"no adapter named {', '.join(sorted(unknown))}; loaded: {adapter_names(model)}")
@@ -252,10 +255,5 @@ def per_row_adapters(model: nn.Module, names: list[str | None]) -> Iterator[None
         n: torch.tensor([i for i, m in enumerate(names) if m == n], dtype=torch.long)
         for n in dict.fromkeys(names) if n is not None
     }
-    for layer in layers:
-        layer.row_groups = groups
-    try:
+    with route_rows(layers, groups):
         yield
-    finally:
-        for layer in layers:
-            layer.row_groups = None

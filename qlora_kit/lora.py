@@ -6,11 +6,19 @@ weight on the fly in the compute dtype through an autograd function that keeps o
 backward: the dequantized matrix is rebuilt in backward instead of being saved, which is what makes QLoRA's
 memory figures possible. Merging is one function (`merge_delta_`, in place; `merge_delta` on a copy), used by the
 module and by export alike.
+
+Which adapter a forward uses is the layer's `active_adapter`, unless the calling context routes batch rows to
+adapters (`route_rows`, which `adapters.per_row_adapters` wraps): that routing lives in a `ContextVar`, not on
+the module, so two threads (or nested blocks) running one model with different adapters per row never see each
+other's routing.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -137,7 +145,6 @@ class QLinear(nn.Module):
         self.scaling: dict[str, float] = {}
         self.active_adapter: str | None = None
         self.merged: _Merged | None = None
-        self.row_groups: dict[str, torch.Tensor] | None = None  # adapter -> batch rows, set by per_row_adapters
 
     def add_adapter(self, name: str, config: LoraConfig, dtype: torch.dtype = torch.float32) -> None:
         """A new adapter: A Kaiming-uniform like nn.Linear (the LoRA paper, peft), B zeros so B·A starts at 0."""
@@ -164,16 +171,17 @@ class QLinear(nn.Module):
         if self.merged is not None:
             return F.linear(x.to(self.merged.weight.dtype), self.merged.weight, self._bias(x)).to(x.dtype)
         result = linear_4bit(x.to(self.compute_dtype), self.qweight, self._bias(x)).to(x.dtype)
-        if self.row_groups is not None:
-            return self._per_row(x, result)
+        groups = _ROW_ROUTING.get().get(id(self))
+        if groups is not None:
+            return self._per_row(x, result, groups)
         name = self.active_adapter
         if name is None or name not in self.lora_A:
             return result
         return result + self.lora_delta(x, name).to(result.dtype)
 
-    def _per_row(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    def _per_row(self, x: torch.Tensor, result: torch.Tensor, groups: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Each batch row gets its own adapter: the base matmul once for all rows, each B·A on its rows only."""
-        for name, rows in self.row_groups.items():
+        for name, rows in groups.items():
             if name in self.lora_A:
                 rows = rows.to(x.device)
                 result = result.index_add(0, rows, self.lora_delta(x.index_select(0, rows), name).to(result.dtype))
@@ -201,7 +209,8 @@ class QLinear(nn.Module):
         self.merged.weight, self.merged.names = w, self.merged.names + [name]
 
     def unmerge(self) -> None:
-        """Subtract every merged B·A again and return to the 4-bit path."""
+        """Drop the dense merged copy and return to the 4-bit path. Nothing is subtracted: merging never touched
+        the 4-bit weight or the adapters, so forgetting the copy restores the unmerged layer exactly."""
         self.merged = None
 
     def _apply(self, fn, recurse: bool = True):
@@ -231,6 +240,23 @@ class QLinear(nn.Module):
             f"quant={q.quant_type}{'+dq' if q.nested_absmax is not None else ''}/{q.blocksize}, "
             f"adapters={list(self.lora_A)}"
         )
+
+
+_ROW_ROUTING: ContextVar[Mapping[int, Mapping[str, torch.Tensor]]] = ContextVar("qlora_kit_row_routing", default={})
+"""id(layer) -> {adapter name: batch rows}, for the forwards run in the current context (thread, task)."""
+
+
+@contextmanager
+def route_rows(layers: Iterable[QLinear], groups: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Within the block, forwards of `layers` run in the calling context give batch rows `groups[name]` adapter
+    `name` and the rows named nowhere the bare base. Re-entrant (an inner block wins for its layers until it
+    exits) and thread-safe: the routing is this context's, never the layers' own state. Forwards run in another
+    thread (a CUDA autograd worker recomputing a checkpointed block, say) do not see it."""
+    token = _ROW_ROUTING.set({**_ROW_ROUTING.get(), **{id(layer): groups for layer in layers}})
+    try:
+        yield
+    finally:
+        _ROW_ROUTING.reset(token)
 
 
 def add_lora(model: nn.Module, config: LoraConfig, name: str = "default") -> list[str]:

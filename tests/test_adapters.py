@@ -141,6 +141,55 @@ def test_per_row_batch_equals_each_row_alone(llama_dir):
             torch.testing.assert_close(batched[i : i + 1], alone, atol=1e-2, rtol=1e-2)
 
 
+def test_per_row_routing_is_reentrant_and_leaves_no_module_state(llama_dir):
+    model = _two_adapters(llama_dir)
+    x = torch.randint(0, VOCAB, (1, 8)).repeat(2, 1)  # equal rows: swapping the routing swaps the outputs
+    with torch.no_grad():
+        set_active_adapter(model, None)
+        base = model(x).logits
+        with per_row_adapters(model, ["a", "b"]):
+            outer = model(x).logits
+            with per_row_adapters(model, ["b", "a"]):
+                inner = model(x).logits
+            assert torch.equal(model(x).logits, outer)  # the outer routing is back once the inner block exits
+        assert torch.equal(model(x).logits, base)  # and none at all after the outer one
+    torch.testing.assert_close(inner, outer.flip(0), atol=1e-2, rtol=1e-2)
+    assert not torch.equal(inner, outer)
+    assert not any(hasattr(m, "row_groups") for m in model.modules())
+
+
+def test_per_row_routing_is_per_thread(llama_dir):
+    """Two threads run one model under different routings at the same time; each gets its own rows' adapters."""
+    import threading
+
+    model = _two_adapters(llama_dir)
+    x = torch.randint(0, VOCAB, (2, 8))
+    routings = (["a", "b"], ["b", None])
+    with torch.no_grad():
+        expected = []
+        for names in routings:
+            with per_row_adapters(model, names):
+                expected.append(model(x).logits)
+    results: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+    both_inside = threading.Barrier(2, timeout=30)
+
+    def worker(i: int) -> None:
+        with torch.no_grad(), per_row_adapters(model, routings[i]):
+            both_inside.wait()  # both routings are live before either thread runs a forward
+            for _ in range(3):
+                results[i].append(model(x).logits)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    for i in range(2):
+        assert len(results[i]) == 3 and all(torch.equal(r, expected[i]) for r in results[i])
+    assert not torch.equal(expected[0], expected[1])
+
+
 def test_generate_batches_adapters_and_matches_single_runs(tmp_path, llama_dir):
     model = _two_adapters(llama_dir).eval()
     tok = make_tokenizer()
