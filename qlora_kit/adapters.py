@@ -4,6 +4,10 @@ Written: `adapter_config.json` + `adapter_model.safetensors` with keys
 `base_model.model.<module>.lora_A.weight` / `.lora_B.weight`, which `peft.PeftModel.from_pretrained` loads with
 every tensor matched. Read: the same, or what peft wrote (keys with or without the adapter name, rsLoRA, any
 subset of modules). The adapter's modules are found by name in the loaded model; nothing is guessed.
+
+Beside them the trainer writes what inference needs to reproduce training: the record of the 4-bit layers
+(`targets.RECORD_NAME`) and, when training rendered conversations, the chat template it used
+(`CHAT_TEMPLATE_NAME`, transformers' own file name, so an exported model's tokenizer picks it up too).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+CHAT_TEMPLATE_NAME = "chat_template.jinja"
 PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<ab>lora_A|lora_B)(?:\.(?P<name>[^.]+))?\.weight$")
 
@@ -68,15 +73,19 @@ def adapter_config(model: nn.Module, lora: LoraConfig, base_model: str, name: st
     }
 
 
-def save_adapter(model: nn.Module, out_dir: Path, lora: LoraConfig, base_model: str, name: str = "default") -> None:
+def save_adapter(model: nn.Module, out_dir: Path, lora: LoraConfig, base_model: str, name: str = "default",
+                 chat_template: str | None = None) -> None:
     """Write the PEFT files into `out_dir` (created), each atomically (temp file + rename), and beside them the
-    record of the layers the base holds in 4 bits (`targets.RECORD_NAME`) when the model came from the loader."""
+    record of the layers the base holds in 4 bits (`targets.RECORD_NAME`) when the model came from the loader,
+    and `chat_template` (the one training rendered conversations with) when given."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.to("cpu", copy=True).contiguous() for k, v in adapter_state_dict(model, name).items()}
     _atomic(out_dir / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     record = layer_record(model)
     if record is not None:
         _atomic(out_dir / RECORD_NAME, lambda p: Path(p).write_text(record_text(record)))
+    if chat_template:
+        _atomic(out_dir / CHAT_TEMPLATE_NAME, lambda p: Path(p).write_text(chat_template, encoding="utf-8"))
     text = json.dumps(adapter_config(model, lora, base_model, name), indent=2) + "\n"
     _atomic(out_dir / CONFIG_NAME, lambda p: Path(p).write_text(text))
 
@@ -119,6 +128,15 @@ def read_adapter_config(adapter_dir: Path) -> tuple[LoraConfig, dict]:
         target_modules=[targets] if isinstance(targets, str) else targets, use_rslora=bool(raw.get("use_rslora")),
     )
     return lora, raw
+
+
+def read_chat_template(adapter_dir: Path) -> str | None:
+    """The chat template the adapter was trained with, or None when training rendered no conversations."""
+    path = Path(adapter_dir) / CHAT_TEMPLATE_NAME
+    try:
+        return path.read_text(encoding="utf-8") if path.is_file() else None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e}); restore it or delete it") from None
 
 
 def read_adapter_weights(adapter_dir: Path) -> dict[str, dict[str, torch.Tensor]]:

@@ -1,7 +1,11 @@
-"""Datasets in, tokenized examples out: reading and validating rows, the three formats, label masks, truncation.
+"""Datasets in, tokenized examples out: reading and validating rows, the three formats, label masks, truncation;
+and the one prompt renderer that training, evaluation, generation and serving share.
 
 Rows are validated and normalized before anything is tokenized, so a bad row fails with its file, line and
-field. Labels follow the HF convention (aligned with input_ids, shifted inside the model; -100 is ignored).
+field (`read_jsonl` is the one JSON Lines reader, for training data and prompt files alike). Prompts are
+rendered in one place: `alpaca_prompt` and `render_chat` build what `encode_row` trains on, and `render_prompt`
+builds the same text for a request at inference, with the chat template training used (`chat_template`: the
+one saved with the adapter, else the tokenizer's, else `FALLBACK_CHAT_TEMPLATE`). Labels follow the HF convention (aligned with input_ids, shifted inside the model; -100 is ignored).
 Masks are found by tokenizing rendered prefixes, never by searching strings: the prompt, each user and system
 turn is -100 and every response is trained, whatever the chat template looks like. Batching and packing the
 examples is `batching.py`'s job.
@@ -14,7 +18,7 @@ import logging
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jinja2
 from datasets import Dataset, concatenate_datasets, load_dataset
@@ -103,7 +107,7 @@ def _raw_rows(path: str, split: str) -> Iterator[tuple[str, Any]]:
     if local.is_file() and split != "train":
         raise DataError(f"{path} is a single file, which has only the 'train' split (asked for {split!r})")
     if local.is_file() and local.suffix in (".json", ".jsonl"):
-        yield from _read_json(local)
+        yield from read_jsonl(local)
         return
     if local.is_file():
         builder = {".parquet": "parquet", ".csv": "csv"}.get(local.suffix)
@@ -130,9 +134,14 @@ def _load_hub(name: str, split: str) -> Dataset:
         ) from e
 
 
-def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
-    """JSON Lines parsed line by line (a .json holding an array is read whole): datasets' own errors name no line."""
-    with path.open(encoding="utf-8") as f:
+def read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    """(where, row) of each row of a JSON Lines file, parsed line by line (a .json holding an array is read whole),
+    `where` being "FILE, line N" for error messages: datasets' own errors name no line. Blank lines are skipped."""
+    try:
+        f = path.open(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    with f:
         first = f.read(1)
         while first.isspace():
             first = f.read(1)
@@ -154,9 +163,14 @@ def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
             yield f"{path}, line {lineno}", row
 
 
-def _normalize(row: Any, fmt: str, text_field: str, where: str) -> dict[str, Any]:
+def _object(row: Any, where: str) -> Mapping[str, Any]:
     if not isinstance(row, Mapping):
         raise DataError(f"{where}: expected an object with fields, got {type(row).__name__}")
+    return row
+
+
+def _normalize(row: Any, fmt: str, text_field: str, where: str) -> dict[str, Any]:
+    row = _object(row, where)
     if fmt == "alpaca":
         return {
             "instruction": _string(row, "instruction", where),
@@ -217,12 +231,71 @@ def ensure_pad_token(tokenizer: Any) -> int:
     return tokenizer.pad_token_id
 
 
-def encode_row(row: Mapping[str, Any], fmt: str, tokenizer: Any, train_on_prompt: bool = False) -> Example:
-    """One normalized row (see `load_rows`) as ids and labels, untruncated."""
+class Prompt(NamedTuple):
+    """A prompt rendered for generation, and whether a chat template wrote it: a template writes the BOS and
+    other special tokens itself, so the tokenizer must not add its own."""
+
+    text: str
+    chat: bool
+
+
+def alpaca_prompt(instruction: str, input: str = "") -> str:
+    """The Alpaca prompt, up to and including "### Response:\n"; the response follows it directly."""
+    return (ALPACA_PROMPT if input else ALPACA_PROMPT_NO_INPUT).format(instruction=instruction, input=input)
+
+
+def chat_template(tokenizer: Any, saved: str | None = None) -> str | None:
+    """The template conversations are rendered with: `saved` (the one an adapter was trained with), else the
+    tokenizer's own, else `FALLBACK_CHAT_TEMPLATE`. None only for a tokenizer holding several named templates,
+    which then picks its default itself."""
+    if saved:
+        return saved
+    own = tokenizer.chat_template
+    if isinstance(own, Mapping):
+        return None
+    return own or FALLBACK_CHAT_TEMPLATE
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, str]], generation: bool, template: str | None = None) -> str:
+    """A conversation as text, with `chat_template(tokenizer, template)`; `generation` appends the assistant's
+    opening, as both the untrained prefix of a response and a prompt at inference need."""
+    try:
+        return tokenizer.apply_chat_template(
+            messages, chat_template=chat_template(tokenizer, template), tokenize=False,
+            add_generation_prompt=generation,
+        )
+    except jinja2.TemplateError as e:
+        raise DataError(f"the chat template rejected a conversation ({e}): {messages[:2]!r}...") from None
+
+
+def render_prompt(tokenizer: Any, row: Mapping[str, Any], template: str | None = None,
+                  where: str = "prompt") -> Prompt:
+    """A request rendered exactly as training rendered its prompts: `messages` (or ShareGPT `conversations`) and,
+    when there is a chat template (`template`, an adapter's, or the tokenizer's), a bare `prompt` as one user
+    turn, through the chat template with the assistant's opening; `instruction` (+ `input`) as Alpaca; a bare
+    `prompt` without any template as it is."""
+    row = _object(row, where)
+    if "messages" in row or "conversations" in row:
+        return Prompt(render_chat(tokenizer, _messages(row, where), True, template), True)
+    if "instruction" in row:
+        return Prompt(alpaca_prompt(_string(row, "instruction", where), _string(row, "input", where, True)), False)
+    if "prompt" not in row:
+        raise DataError(f"{where}: each row needs 'prompt', 'instruction' (alpaca) or 'messages'")
+    text = _string(row, "prompt", where)
+    if not (template or tokenizer.chat_template):
+        return Prompt(text, False)
+    return Prompt(render_chat(tokenizer, [{"role": "user", "content": text}], True, template), True)
+
+
+def encode_row(row: Mapping[str, Any], fmt: str, tokenizer: Any, train_on_prompt: bool = False,
+               template: str | None = None) -> Example:
+    """One normalized row (see `load_rows`) as ids and labels, untruncated; conversations are rendered with
+    `chat_template(tokenizer, template)`."""
     if fmt == "messages":
-        return _encode(tokenizer, _chat_renders(tokenizer, row["messages"], train_on_prompt), special=False)
+        renders = _chat_renders(tokenizer, row["messages"], train_on_prompt, template)
+        return _encode(tokenizer, renders, special=False)
     if fmt == "alpaca":
-        prompt = (ALPACA_PROMPT if row["input"] else ALPACA_PROMPT_NO_INPUT).format_map(row)
+        prompt = alpaca_prompt(row["instruction"], row["input"])
         renders = [(prompt, train_on_prompt), (prompt + row["output"], True)]
     else:
         renders = [(row["text"], True)]
@@ -234,25 +307,16 @@ def encode_row(row: Mapping[str, Any], fmt: str, tokenizer: Any, train_on_prompt
     return example
 
 
-def _render(tokenizer: Any, messages: list[dict[str, str]], generation: bool) -> str:
-    template = None if tokenizer.chat_template else FALLBACK_CHAT_TEMPLATE
-    try:
-        return tokenizer.apply_chat_template(
-            messages, chat_template=template, tokenize=False, add_generation_prompt=generation
-        )
-    except jinja2.TemplateError as e:
-        raise DataError(f"the chat template rejected a conversation ({e}): {messages[:2]!r}...") from None
-
-
-def _chat_renders(tokenizer: Any, messages: list[dict[str, str]], train_on_prompt: bool) -> list[tuple[str, bool]]:
+def _chat_renders(tokenizer: Any, messages: list[dict[str, str]], train_on_prompt: bool,
+                  template: str | None) -> list[tuple[str, bool]]:
     """Cumulative renders: before each assistant turn (with the generation prompt) untrained, through it trained."""
     renders = []
     for i, message in enumerate(messages):
         if message["role"] == "assistant":
-            before = _render(tokenizer, messages[:i], generation=True) if i else ""  # templates may reject []
+            before = render_chat(tokenizer, messages[:i], True, template) if i else ""  # templates may reject []
             renders.append((before, train_on_prompt))
-            renders.append((_render(tokenizer, messages[: i + 1], generation=False), True))
-    renders.append((_render(tokenizer, messages, generation=False), train_on_prompt))
+            renders.append((render_chat(tokenizer, messages[: i + 1], False, template), True))
+    renders.append((render_chat(tokenizer, messages, False, template), train_on_prompt))
     return renders
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from qlora_kit.adapters import adapter_index, read_adapter_config
+from qlora_kit.adapters import CHAT_TEMPLATE_NAME, adapter_index, read_adapter_config
 from qlora_kit.checkpoint import (
     TOKENIZER_FILES, AtomicDir, StreamingShardWriter, TensorInfo, TensorReader, copy_side_files, iter_by_file,
     read_config_json, tensor_index,
@@ -155,9 +155,16 @@ def export_merged(
         report.bytes_out = writer.total_bytes
         _write_config(base_dir, tmp, dtype)
         copy_side_files(base_dir, tmp, SIDE_FILES)
-        tokenizer_src = adapter_dir if any((adapter_dir / n).is_file() for n in TOKENIZER_FILES) else base_dir
-        copy_side_files(tokenizer_src, tmp)
+        copy_side_files(_tokenizer_source(adapter_dir, base_dir), tmp)
+        copy_side_files(adapter_dir, tmp, (CHAT_TEMPLATE_NAME,))  # the template training used wins
     return report
+
+
+def _tokenizer_source(adapter_dir: Path, base_dir: Path) -> Path:
+    """The adapter directory when it holds a tokenizer (training's), else the base; a chat template alone is not
+    a tokenizer."""
+    files = [n for n in TOKENIZER_FILES if n != CHAT_TEMPLATE_NAME]
+    return adapter_dir if any((adapter_dir / n).is_file() for n in files) else base_dir
 
 
 def _architecture_targets(base_dir: Path, trust_remote_code: bool) -> tuple[dict[str, Target], str]:

@@ -1,14 +1,14 @@
 """Generation from a 4-bit base with any number of named adapters, all requests in one batched pass.
 
 Each request names its adapter; the batch runs under `per_row_adapters`, so a base serving several tasks or
-customers decodes them together instead of switching adapters between requests. Prompts are rendered the way
-the adapter was trained: chat template for messages (or any prompt when the tokenizer has one), the Alpaca
-template for instruction/input rows, raw text otherwise.
+customers decodes them together instead of switching adapters between requests. Prompts are rendered by
+`data.render_prompt`, the renderer training used, with the chat template each adapter was trained with
+(`adapters.read_chat_template`): chat template for messages (or any prompt when there is a template), the
+Alpaca template for instruction/input rows, raw text otherwise. Prompt files are read by `data.read_jsonl`.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +17,14 @@ from typing import TextIO
 import torch
 from transformers import TextStreamer
 
-from qlora_kit.adapters import load_adapter, per_row_adapters
-from qlora_kit.data import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, ensure_pad_token
+from qlora_kit.adapters import load_adapter, per_row_adapters, read_chat_template
+from qlora_kit.data import Prompt, ensure_pad_token, read_jsonl, render_prompt
 from qlora_kit.device import load_tokenizer, resolve_device
 from qlora_kit.errors import DataError
 from qlora_kit.loader import load_quantized
+
+render = render_prompt
+"""The old name of `data.render_prompt` (`prompt, chat = render(tokenizer, row)` still reads the same)."""
 
 
 @dataclass(frozen=True)
@@ -33,35 +36,14 @@ class Request:
     chat: bool
 
 
-def render(tokenizer, row: dict) -> tuple[str, bool]:
-    """Text for one JSONL row or --prompt: (prompt, rendered_with_chat_template)."""
-    if "messages" in row:
-        messages = row["messages"]
-    elif "instruction" in row:
-        template = ALPACA_PROMPT if row.get("input") else ALPACA_PROMPT_NO_INPUT
-        return template.format(instruction=row["instruction"], input=row.get("input", "")), False
-    elif "prompt" in row:
-        if not tokenizer.chat_template:
-            return str(row["prompt"]), False
-        messages = [{"role": "user", "content": str(row["prompt"])}]
-    else:
-        raise DataError("each row needs 'prompt', 'instruction' (alpaca) or 'messages'")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), True
-
-
 def read_prompt_file(path: Path) -> list[dict]:
+    """The rows of a JSONL prompt file, each checked to be one `render_prompt` can render."""
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    for where, row in read_jsonl(path):
         if not isinstance(row, dict):
-            raise DataError(f"{path}:{n}: expected a JSON object")
-        if not {"prompt", "instruction", "messages"} & row.keys():
-            raise DataError(f"{path}:{n}: each row needs 'prompt', 'instruction' (alpaca) or 'messages'")
+            raise DataError(f"{where}: expected an object with fields, got {type(row).__name__}")
+        if not {"prompt", "instruction", "messages", "conversations"} & row.keys():
+            raise DataError(f"{where}: each row needs 'prompt', 'instruction' (alpaca) or 'messages'")
         rows.append(row)
     if not rows:
         raise DataError(f"{path}: no prompts")
@@ -102,9 +84,13 @@ def run(model_dir: str, adapters: dict[str, Path], rows: list[dict], *, stream: 
     """The CLI's job: every prompt with every adapter (or the bare base when none), one batched pass."""
     stream = stream or sys.stdout  # looked up now, not at import: whoever redirected stdout since gets the text
     model, tokenizer = load_model(model_dir, adapters)
-    rendered = [render(tokenizer, row) for row in rows]
+    templates = {name: read_chat_template(adapter_dir) for name, adapter_dir in adapters.items()}
     names: list[str | None] = list(adapters) or [None]
-    requests = [Request(text, name, chat) for text, chat in rendered for name in names]
+    requests = []
+    for i, row in enumerate(rows, 1):
+        for name in names:  # each adapter's prompt in the template it was trained with
+            prompt: Prompt = render_prompt(tokenizer, row, templates.get(name), where=f"prompt {i}")
+            requests.append(Request(prompt.text, name, prompt.chat))
     texts = generate(model, tokenizer, requests, stream=stream, **kwargs)
     if len(requests) > 1:
         for i, (req, text) in enumerate(zip(requests, texts)):

@@ -45,7 +45,8 @@ def save_checkpoint(trainer: Trainer, keep: int) -> Path:
     if target.exists():
         return target
     with AtomicDir(target) as tmp:
-        save_adapter(trainer.model, tmp, trainer.recipe.lora, str(Path(trainer.recipe.model).resolve()))
+        save_adapter(trainer.model, tmp, trainer.recipe.lora, str(Path(trainer.recipe.model).resolve()),
+                     chat_template=trainer.chat_template)
         try:
             torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
         except RuntimeError as e:  # torch reports a failed write (a full disk) as RuntimeError, not OSError

@@ -26,7 +26,7 @@ from qlora_kit.adapters import save_adapter
 from qlora_kit.batching import BatchIterator, eval_batches
 from qlora_kit.checkpoint import AtomicDir
 from qlora_kit.config import Recipe, dump_recipe
-from qlora_kit.data import IGNORE_INDEX, build_datasets, ensure_pad_token
+from qlora_kit.data import IGNORE_INDEX, build_datasets, chat_template, ensure_pad_token
 from qlora_kit.errors import CheckpointError, QloraKitError
 from qlora_kit.loader import load_quantized, read_config
 from qlora_kit.lora import lora_parameters
@@ -130,6 +130,8 @@ class Trainer:
         read_config(Path(recipe.model), recipe.trust_remote_code)  # a broken config.json, named as such, first
         self.tokenizer = load_tokenizer(recipe.model, recipe.trust_remote_code)
         self.pad_id = ensure_pad_token(self.tokenizer)
+        # saved with the adapter, so inference renders conversations exactly as training did
+        self.chat_template = chat_template(self.tokenizer) if recipe.dataset.format == "messages" else None
         self.train_data, self.eval_data = build_datasets(recipe.dataset, self.tokenizer, recipe.max_seq_len, recipe.seed)
         packing_len = recipe.max_seq_len if recipe.packing else 0
         self.batches = BatchIterator(self.train_data, recipe.batch_size, self.pad_id, recipe.seed, packing_len)
@@ -271,7 +273,8 @@ class Trainer:
         metrics.flush()
         self._save()
         with AtomicDir(self.out / "adapter", overwrite=True) as tmp:  # never half an adapter, even on a full disk
-            save_adapter(self.model, tmp, self.recipe.lora, str(Path(self.recipe.model).resolve()))
+            save_adapter(self.model, tmp, self.recipe.lora, str(Path(self.recipe.model).resolve()),
+                         chat_template=self.chat_template)
         metrics.plot(self.out / "loss.png")
         return after
 

@@ -17,8 +17,8 @@ from qlora_kit.batching import (
 )
 from qlora_kit.config import DatasetConfig
 from qlora_kit.data import (
-    ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, IGNORE_INDEX, Example, TokenizedDataset, build_datasets, encode_row,
-    ensure_pad_token, load_rows, tokenize_rows,
+    ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, FALLBACK_CHAT_TEMPLATE, IGNORE_INDEX, Example, Prompt, TokenizedDataset,
+    build_datasets, chat_template, encode_row, ensure_pad_token, load_rows, read_jsonl, render_prompt, tokenize_rows,
 )
 from qlora_kit.errors import DataError
 
@@ -94,6 +94,53 @@ def test_fallback_template_when_the_tokenizer_has_none():
     assert tok.decode(ex.input_ids) == ("<s><|system|>\nbe brief</s><|user|>\nhi</s><|assistant|>\nhello there</s>"
                                         "<|user|>\nand now?</s><|assistant|>\nthe end</s>")
     assert trained_text(tok, ex) == "hello there</s>the end</s>"
+
+
+@pytest.mark.parametrize("template", ["chatml", None])
+def test_a_prompt_renders_as_training_rendered_it(template, tiny_tokenizer):
+    """The inference prompt of a conversation is exactly the untrained prefix training put before the answer,
+    also for a tokenizer without a chat template (the fallback one, in both places)."""
+    tok = tiny_tokenizer if template else make_tokenizer(chat_template=None)
+    prompt = render_prompt(tok, {"messages": CHAT[:2]})
+    assert prompt.chat and isinstance(prompt, Prompt)
+    ex = encode_row({"messages": CHAT[:3]}, "messages", tok)
+    ids = tok(prompt.text, add_special_tokens=False)["input_ids"]
+    assert ex.input_ids[:len(ids)] == ids
+    assert set(ex.labels[:len(ids)]) == {IGNORE_INDEX} and tok.decode(ex.labels[len(ids):]).startswith("hello")
+    sharegpt = render_prompt(tok, {"conversations": SHAREGPT[:2]})
+    assert sharegpt == prompt
+    alpaca = {"instruction": "Name it.", "input": "a cat", "output": "cat"}
+    text, chat = render_prompt(tok, alpaca)  # still unpacks like the old (text, chat) tuple
+    assert not chat and text == ALPACA_PROMPT.format(instruction="Name it.", input="a cat")
+    ids = tok(text)["input_ids"]
+    assert encode_row(alpaca, "alpaca", tok).input_ids[:len(ids)] == ids
+
+
+def test_prompt_rendering_takes_the_saved_template_and_names_bad_rows():
+    tok = make_tokenizer(chat_template=None)
+    assert render_prompt(tok, {"prompt": "hi"}) == Prompt("hi", False)  # no template anywhere: the text as it is
+    saved = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+    assert render_prompt(tok, {"prompt": "hi"}, saved) == Prompt("[hi]>", True)
+    assert render_prompt(tok, {"messages": CHAT[:2]}, saved).text == "[be brief][hi]>"
+    assert chat_template(tok) == FALLBACK_CHAT_TEMPLATE and chat_template(tok, saved) == saved
+    with pytest.raises(DataError, match="prompt 3: each row needs 'prompt'"):
+        render_prompt(tok, {"text": "x"}, where="prompt 3")
+    with pytest.raises(DataError, match=r"p: field 'messages\[0\].role' is 'bot'"):
+        render_prompt(tok, {"messages": [{"role": "bot", "content": "x"}]}, where="p")
+    with pytest.raises(DataError, match="p: field 'prompt' must be a string"):
+        render_prompt(tok, {"prompt": 5}, where="p")
+
+
+def test_one_jsonl_reader_names_file_and_line(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"a": 1}\n\n[2]\n{"b": \n')
+    rows = read_jsonl(path)
+    assert next(rows) == (f"{path}, line 1", {"a": 1})
+    assert next(rows) == (f"{path}, line 3", [2])
+    with pytest.raises(DataError, match=r"p.jsonl, line 4: malformed JSON"):
+        next(rows)
+    with pytest.raises(DataError, match="nope.jsonl: no such file"):
+        list(read_jsonl(tmp_path / "nope.jsonl"))
 
 
 def test_conversation_starting_with_the_assistant(tiny_tokenizer):

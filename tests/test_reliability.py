@@ -337,11 +337,11 @@ BAD_INPUTS = {
     "generate-adapter-spec": (lambda ws, tmp: ["generate", str(ws.base), "--adapter", "nodir", "--prompt", "x"],
                               ["--adapter 'nodir': expected NAME=DIR"]),
     "generate-prompt-bad-line": (_generate(prompts=_file("p.jsonl", '{"prompt": "a"}\n{"prompt": \n')),
-                                 ["p.jsonl:2", "not valid JSON"]),
+                                 ["p.jsonl, line 2: malformed JSON"]),
     "generate-prompt-not-object": (_generate(prompts=_file("p.jsonl", '{"prompt": "a"}\n"b"\n')),
-                                   ["p.jsonl:2", "expected a JSON object"]),
+                                   ["p.jsonl, line 2: expected an object"]),
     "generate-prompt-no-field": (_generate(prompts=_file("p.jsonl", '{"prompt": "a"}\n{"text": "b"}\n')),
-                                 ["p.jsonl:2", "'prompt'"]),
+                                 ["p.jsonl, line 2: each row needs 'prompt'"]),
     "generate-prompt-file-missing": (_generate(prompts=lambda ws, tmp: tmp / "nope.jsonl"), ["nope.jsonl"]),
 }
 

@@ -173,3 +173,41 @@ def test_sigint_saves_and_exits_then_resumes(workspace, tmp_path):
     saved = sorted((out / "checkpoints").glob("step-*"))
     assert len(saved) == 1 and "Traceback" not in err
     assert "run the same command again to resume" in out_text + err
+
+
+def test_messages_training_saves_its_chat_template_and_inference_uses_it(workspace, tmp_path, monkeypatch):
+    """A tokenizer without a chat template: training renders with the fallback one, saves it with the adapter
+    (and its checkpoints), and generation from the adapter or from the exported model renders with it."""
+    import shutil
+
+    from qlora_kit import generate as generate_mod
+    from qlora_kit.data import FALLBACK_CHAT_TEMPLATE
+    from qlora_kit.export import export_merged
+
+    base = tmp_path / "base"
+    shutil.copytree(workspace / "base", base)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (base / f).unlink(missing_ok=True)
+    make_tokenizer(chat_template=None).save_pretrained(base)
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": chat}) + "\n")
+    result = train(_recipe(workspace, tmp_path / "run", f"model={base}", f"dataset.path={tmp_path / 'chat.jsonl'}",
+                           "dataset.format=messages", "dataset.eval_path=null", "max_steps=2", "save_steps=2"),
+                   progress=False)
+    adapter = result.output_dir / "adapter"
+    assert (adapter / "chat_template.jinja").read_text() == FALLBACK_CHAT_TEMPLATE
+    assert (result.output_dir / "checkpoints" / "step-2" / "chat_template.jinja").is_file()
+
+    seen = []
+    real = generate_mod.generate
+    monkeypatch.setattr(generate_mod, "generate", lambda m, t, reqs, **kw: seen.extend(reqs) or real(m, t, reqs, **kw))
+    rows = [{"messages": chat[:1]}]
+    generate_mod.run(str(base), {"tuned": adapter}, rows, max_new_tokens=2, stream=open(os.devnull, "w"))
+    assert seen[0].chat and seen[0].prompt.endswith("<|user|>\nhi</s><|assistant|>\n")
+
+    merged = export_merged(adapter, tmp_path / "merged", progress=False).out_dir
+    assert (merged / "chat_template.jinja").read_text() == FALLBACK_CHAT_TEMPLATE
+    assert (merged / "tokenizer.json").is_file()  # the base's tokenizer, not just the adapter's template
+    seen.clear()
+    generate_mod.run(str(merged), {}, rows, max_new_tokens=2, stream=open(os.devnull, "w"))
+    assert seen[0].prompt.endswith("<|user|>\nhi</s><|assistant|>\n")
