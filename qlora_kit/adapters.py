@@ -19,6 +19,7 @@ import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -73,21 +74,77 @@ def adapter_config(model: nn.Module, lora: LoraConfig, base_model: str, name: st
     }
 
 
+@dataclass
+class AdapterFiles:
+    """An adapter directory's contents in memory: the PEFT tensors (saved layout) and config, the record of the
+    4-bit layers, the chat template. What `save_adapter` writes, and the adapter part of a training checkpoint."""
+
+    tensors: dict[str, torch.Tensor]
+    config: dict
+    record: LayerRecord | None = None
+    chat_template: str | None = None
+
+    @classmethod
+    def of(cls, model: nn.Module, lora: LoraConfig, base_model: str, name: str = "default",
+           chat_template: str | None = None) -> AdapterFiles:
+        """Adapter `name` of `model`, copied to the CPU."""
+        tensors = {k: v.to("cpu", copy=True).contiguous() for k, v in adapter_state_dict(model, name).items()}
+        return cls(tensors, adapter_config(model, lora, base_model, name), layer_record(model), chat_template)
+
+    def write(self, out_dir: Path) -> None:
+        """Each file atomically (temp file + rename), adapter_config.json last: it is what marks an adapter."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _atomic(out_dir / WEIGHTS_NAME, lambda p: save_file(self.tensors, p, metadata={"format": "pt"}))
+        if self.record is not None:
+            _atomic(out_dir / RECORD_NAME, lambda p: Path(p).write_text(record_text(self.record)))
+        if self.chat_template:
+            _atomic(out_dir / CHAT_TEMPLATE_NAME, lambda p: Path(p).write_text(self.chat_template, encoding="utf-8"))
+        text = json.dumps(self.config, indent=2) + "\n"
+        _atomic(out_dir / CONFIG_NAME, lambda p: Path(p).write_text(text))
+
+    @classmethod
+    def read(cls, adapter_dir: Path) -> AdapterFiles:
+        """What `write` wrote (or peft did), tensors under their saved keys; every file checked as it is read."""
+        _, raw = read_adapter_config(adapter_dir)
+        path = _weights_file(adapter_dir)
+        try:
+            tensors = load_file(path)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path}: cannot read ({e}); the file is corrupt or truncated") from None
+        _modules(path, tensors)
+        return cls(tensors, raw, read_record(adapter_dir), read_chat_template(adapter_dir))
+
+
 def save_adapter(model: nn.Module, out_dir: Path, lora: LoraConfig, base_model: str, name: str = "default",
                  chat_template: str | None = None) -> None:
-    """Write the PEFT files into `out_dir` (created), each atomically (temp file + rename), and beside them the
-    record of the layers the base holds in 4 bits (`targets.RECORD_NAME`) when the model came from the loader,
-    and `chat_template` (the one training rendered conversations with) when given."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.to("cpu", copy=True).contiguous() for k, v in adapter_state_dict(model, name).items()}
-    _atomic(out_dir / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    record = layer_record(model)
-    if record is not None:
-        _atomic(out_dir / RECORD_NAME, lambda p: Path(p).write_text(record_text(record)))
-    if chat_template:
-        _atomic(out_dir / CHAT_TEMPLATE_NAME, lambda p: Path(p).write_text(chat_template, encoding="utf-8"))
-    text = json.dumps(adapter_config(model, lora, base_model, name), indent=2) + "\n"
-    _atomic(out_dir / CONFIG_NAME, lambda p: Path(p).write_text(text))
+    """Write the PEFT files into `out_dir` (created), and beside them the record of the layers the base holds in
+    4 bits (`targets.RECORD_NAME`) when the model came from the loader, and `chat_template` (the one training
+    rendered conversations with) when given."""
+    AdapterFiles.of(model, lora, base_model, name, chat_template).write(out_dir)
+
+
+def load_adapter_state(model: nn.Module, tensors: dict[str, torch.Tensor], name: str = "default") -> None:
+    """Copy saved tensors (`adapter_state_dict`'s keys) into adapter `name` of `model`, which must have exactly
+    those layers with those shapes; a difference is an error naming it (a changed lora.target_modules or r)."""
+    own = adapter_state_dict(model, name)
+    if tensors.keys() != own.keys():
+        raise CheckpointError(
+            "the saved adapter and this model adapt different layers (lora.target_modules changed?): only in the "
+            f"saved one: {_few(tensors.keys() - own.keys())}; only in this model: {_few(own.keys() - tensors.keys())}"
+        )
+    for key, param in own.items():
+        if param.shape != tensors[key].shape:
+            raise CheckpointError(f"{key.removeprefix(PREFIX)} has shape {list(tensors[key].shape)} in the saved "
+                                  f"adapter, {list(param.shape)} in this model (lora.r changed?)")
+    with torch.no_grad():
+        for key, param in own.items():
+            param.copy_(tensors[key])  # detached views share the parameters' storage
+
+
+def _few(keys) -> str:
+    """Up to three module names of a set of adapter keys, for a message."""
+    modules = sorted({m["module"] if (m := _KEY.match(k)) else k for k in keys})
+    return "none" if not modules else ", ".join(modules[:3]) + (f" and {len(modules) - 3} more" if len(modules) > 3 else "")
 
 
 def layer_record(model: nn.Module) -> LayerRecord | None:

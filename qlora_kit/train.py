@@ -4,7 +4,8 @@ One optimizer step = `gradient_accumulation_steps` micro-batches whose token los
 the step's total number of trained tokens, so accumulation gives exactly the loss of one big batch (dividing
 per micro-batch would weight short batches more). Base weights are frozen 4-bit; LoRA weights are fp32
 masters, run under autocast in the compute dtype. Everything that decides the next step — adapter, optimizer,
-schedule, RNG, data position, counters — is in each checkpoint, so a resumed run continues bit for bit.
+schedule, RNG, data position, counters — is the trainer's state dict (`Trainer.state_dict`), which each
+checkpoint holds (`runstate` lays it out on disk), so a resumed run continues bit for bit.
 """
 
 from __future__ import annotations
@@ -14,15 +15,16 @@ import math
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from qlora_kit import runstate
-from qlora_kit.adapters import save_adapter
+from qlora_kit.adapters import AdapterFiles, load_adapter_state
 from qlora_kit.batching import BatchIterator, eval_batches
 from qlora_kit.checkpoint import AtomicDir
 from qlora_kit.config import Recipe, dump_recipe
@@ -194,8 +196,66 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return total / max(n_target, 1), grad_norm, sum(real_tokens(b) for b in micro)
 
+    def _adapter_files(self) -> AdapterFiles:
+        return AdapterFiles.of(self.model, self.recipe.lora, str(Path(self.recipe.model).resolve()),
+                               chat_template=self.chat_template)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that decides the next step (torchtune's recipe state): adapter, optimizer, schedule, data
+        position, counters, RNG. `runstate` lays it out on disk; only the trainer reads or changes it."""
+        rng = {"torch_cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["torch_cuda"] = torch.cuda.get_rng_state()
+        return {
+            "adapter": self._adapter_files(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "data": self.batches.state_dict(),
+            "counters": asdict(self.counters),
+            "total_steps": self.total_steps,
+            "rng": rng,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state_dict()`'s output; a run it does not fit (another length, adapter shape or set of
+        adapted layers) is refused with the difference named, before anything is changed."""
+        if state["total_steps"] != self.total_steps:
+            raise CheckpointError(f"was saved by a run of {state['total_steps']} steps, this recipe runs "
+                                  f"{self.total_steps}; use a new output_dir or restore the recipe")
+        self._check_lora(state["adapter"].config)
+        load_adapter_state(self.model, state["adapter"].tensors)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.batches.load_state_dict(state["data"])
+        self.counters = Counters(**state["counters"])
+        torch.set_rng_state(state["rng"]["torch_cpu"])
+        if "torch_cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["rng"]["torch_cuda"])
+
+    def _check_lora(self, saved: dict[str, Any]) -> None:
+        lora = self.recipe.lora
+        for key, ours, theirs in (("r", lora.r, saved.get("r")), ("alpha", lora.alpha, saved.get("lora_alpha")),
+                                  ("dropout", lora.dropout, saved.get("lora_dropout")),
+                                  ("use_rslora", lora.use_rslora, saved.get("use_rslora"))):
+            if ours != theirs:
+                raise CheckpointError(f"was saved with lora.{key}={theirs}, this recipe has lora.{key}={ours}; "
+                                      "use a new output_dir or restore the recipe")
+
     def _save(self) -> None:
-        runstate.save_checkpoint(self, self.recipe.save_total_limit)
+        runstate.save_checkpoint(self.out, self.counters.step, self.state_dict(), self.recipe.save_total_limit)
+
+    def _resume(self) -> int | None:
+        """Load the newest complete checkpoint; None when starting fresh."""
+        found = runstate.complete_checkpoints(self.out)
+        if not found:
+            return None
+        step, d = found[-1]
+        state = runstate.load_checkpoint(d, self.device)
+        try:
+            self.load_state_dict(state)
+        except CheckpointError as e:
+            raise CheckpointError(f"{d}: {e}") from None
+        return step
 
     def run(self) -> TrainResult:
         try:
@@ -204,7 +264,7 @@ class Trainer:
             raise CheckpointError(f"{self.out}: cannot create the output directory ({e.strerror}); "
                                   "set output_dir to a writable place") from None
         dump_recipe(self.recipe, self.out / "recipe.yaml")
-        resumed = runstate.resume(self)
+        resumed = self._resume()
         if resumed is not None:
             tqdm.write(f"resuming from step {resumed}", file=sys.stderr)
         # a fresh start keeps no records, not even the step-0 eval of a run killed before its first checkpoint
@@ -273,8 +333,7 @@ class Trainer:
         metrics.flush()
         self._save()
         with AtomicDir(self.out / "adapter", overwrite=True) as tmp:  # never half an adapter, even on a full disk
-            save_adapter(self.model, tmp, self.recipe.lora, str(Path(self.recipe.model).resolve()),
-                         chat_template=self.chat_template)
+            self._adapter_files().write(tmp)
         metrics.plot(self.out / "loss.png")
         return after
 

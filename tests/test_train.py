@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -211,3 +212,34 @@ def test_messages_training_saves_its_chat_template_and_inference_uses_it(workspa
     seen.clear()
     generate_mod.run(str(merged), {}, rows, max_new_tokens=2, stream=open(os.devnull, "w"))
     assert seen[0].prompt.endswith("<|user|>\nhi</s><|assistant|>\n")
+
+
+@pytest.mark.parametrize("change, message", [
+    ("lora.r=8", "was saved with lora.r=4, this recipe has lora.r=8"),
+    ("lora.alpha=4", "was saved with lora.alpha=8.0, this recipe has lora.alpha=4.0"),
+    ("lora.target_modules=[q_proj,v_proj]", "the saved adapter and this model adapt different layers "
+     "(lora.target_modules changed?): only in the saved one: model.layers.0.mlp.down_proj, "),
+])
+def test_resuming_with_another_adapter_is_refused_naming_the_difference(workspace, tmp_path, change, message):
+    from qlora_kit.errors import CheckpointError
+
+    train(_recipe(workspace, tmp_path / "run", "max_steps=2", "save_steps=1", "eval_steps=0"), progress=False)
+    with pytest.raises(CheckpointError, match="step-2: " + re.escape(message)) as err:
+        train(_recipe(workspace, tmp_path / "run", "max_steps=2", "save_steps=1", "eval_steps=0", change),
+              progress=False)
+    assert "Error" not in str(err.value)
+
+
+def test_trainer_state_dict_round_trips(workspace, tmp_path):
+    """load_state_dict(state_dict()) into a fresh trainer reproduces every piece of the state."""
+    first = train_mod.Trainer(_recipe(workspace, tmp_path / "a", "max_steps=3"), progress=False)
+    first._step(iter(first.batches))
+    first.counters.step = 1
+    state = first.state_dict()
+    second = train_mod.Trainer(_recipe(workspace, tmp_path / "b", "max_steps=3"), progress=False)
+    second.load_state_dict(state)
+    again = second.state_dict()
+    assert again["counters"] == state["counters"] and again["data"] == state["data"]
+    assert again["scheduler"] == state["scheduler"] and torch.equal(again["rng"]["torch_cpu"], state["rng"]["torch_cpu"])
+    assert all(torch.equal(again["adapter"].tensors[k], v) for k, v in state["adapter"].tensors.items())
+    assert set(again["optimizer"]["state"]) == set(state["optimizer"]["state"]) != set()
