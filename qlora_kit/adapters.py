@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,7 +25,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from qlora_kit.checkpoint import TensorInfo, read_header
+from qlora_kit.safetensors_io import TensorInfo, read_header
+from qlora_kit.atomic import atomic_write
 from qlora_kit.errors import CheckpointError
 from qlora_kit.lora import LoraConfig, QLinear, route_rows
 from qlora_kit.targets import RECORD_NAME, LayerRecord, read_record, record_text
@@ -94,13 +93,12 @@ class AdapterFiles:
     def write(self, out_dir: Path) -> None:
         """Each file atomically (temp file + rename), adapter_config.json last: it is what marks an adapter."""
         out_dir.mkdir(parents=True, exist_ok=True)
-        _atomic(out_dir / WEIGHTS_NAME, lambda p: save_file(self.tensors, p, metadata={"format": "pt"}))
+        atomic_write(out_dir / WEIGHTS_NAME, lambda p: save_file(self.tensors, p, metadata={"format": "pt"}))
         if self.record is not None:
-            _atomic(out_dir / RECORD_NAME, lambda p: Path(p).write_text(record_text(self.record)))
+            atomic_write(out_dir / RECORD_NAME, record_text(self.record))
         if self.chat_template:
-            _atomic(out_dir / CHAT_TEMPLATE_NAME, lambda p: Path(p).write_text(self.chat_template, encoding="utf-8"))
-        text = json.dumps(self.config, indent=2) + "\n"
-        _atomic(out_dir / CONFIG_NAME, lambda p: Path(p).write_text(text))
+            atomic_write(out_dir / CHAT_TEMPLATE_NAME, self.chat_template)
+        atomic_write(out_dir / CONFIG_NAME, json.dumps(self.config, indent=2) + "\n")
 
     @classmethod
     def read(cls, adapter_dir: Path) -> AdapterFiles:
@@ -153,17 +151,6 @@ def layer_record(model: nn.Module) -> LayerRecord | None:
     if not targets or quant is None:
         return None
     return LayerRecord(quant, getattr(model, "base_model_prefix", "") or "", dict(targets))
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_adapter_config(adapter_dir: Path) -> tuple[LoraConfig, dict]:
@@ -272,13 +259,8 @@ def _check_quantization(model: nn.Module, adapter_dir: Path) -> None:
     if record is not None and quant is not None and record.quant != quant:
         log.warning(
             "%s was trained against a %s base; this model holds %s, so its outputs will differ from training's "
-            "(load the base with the recorded quantization to match)", adapter_dir, _describe(record.quant),
-            _describe(quant),
+            "(load the base with the recorded quantization to match)", adapter_dir, record.quant, quant,
         )
-
-
-def _describe(quant) -> str:
-    return f"{quant.type}{'+double-quant' if quant.double_quant else ''}/{quant.blocksize}"
 
 
 # --- several adapters on one base ------------------------------------------------------------------------

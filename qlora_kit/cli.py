@@ -30,8 +30,7 @@ def _quantize(args: argparse.Namespace) -> int:
     )
     bits = 8 * report.bytes_out / max(report.params_quantized, 1)
     print(
-        f"wrote {report.out_dir}: {report.quantized} linear layers in {quant.type}"
-        f"{'+double-quant' if quant.double_quant else ''}/{quant.blocksize} "
+        f"wrote {report.out_dir}: {report.quantized} linear layers in {quant} "
         f"({quant.bits_per_param():.3f} bits/param), {report.kept} tensors kept, "
         f"{report.bytes_in / 1e9:.2f} GB -> {report.bytes_out / 1e9:.2f} GB in {report.shards} shard(s)"
         f" [{bits:.2f} bits per quantized param overall]"
@@ -66,7 +65,7 @@ def _export(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     q = report.quant
-    how = f"{q.type}{'+double-quant' if q.double_quant else ''}/{q.blocksize}, " if q is not None else ""
+    how = f"{q}, " if q is not None else ""
     print(
         f"wrote {report.out_dir}: adapter merged into {report.merged} linear layers of {report.base_dir} "
         f"({report.merge_into} weights: {how}layers from {report.layers_from}), {report.dequantized} more written "

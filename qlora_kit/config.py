@@ -13,7 +13,6 @@ import dataclasses
 import difflib
 import os
 import re
-import tempfile
 import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,14 +21,15 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from qlora_kit.atomic import atomic_write
+from qlora_kit.device import DTYPES
 from qlora_kit.errors import ConfigError
 from qlora_kit.lora import LoraConfig
+from qlora_kit.optim import OPTIMIZERS, SCHEDULERS
 from qlora_kit.quant import QuantConfig
 
-COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+COMPUTE_DTYPES = tuple(DTYPES)
 FORMATS = ("alpaca", "messages", "text")
-SCHEDULERS = ("constant", "cosine", "linear")
-OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "adamw")
 ON_NONFINITE = ("stop", "skip")
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".txt", ".arrow")
 _HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
@@ -315,13 +315,4 @@ def dump_recipe(recipe: Recipe, path: str | Path) -> None:
     """Write the resolved recipe as YAML, atomically, so a crash never leaves half a recipe next to the outputs."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            yaml.safe_dump(recipe.to_dict(), f, sort_keys=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(path, yaml.safe_dump(recipe.to_dict(), sort_keys=False))

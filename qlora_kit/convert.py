@@ -8,7 +8,6 @@ extra arguments. The output directory appears only when complete.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,12 +15,15 @@ import torch
 from tqdm import tqdm
 from transformers import BitsAndBytesConfig
 
-from qlora_kit.checkpoint import AtomicDir, ShardWriter, TensorReader, copy_side_files, iter_by_file, tensor_index
+from qlora_kit.atomic import AtomicDir
+from qlora_kit.safetensors_io import (
+    SIDE_FILES, ShardWriter, TensorReader, copy_side_files, iter_by_file, read_config_json, tensor_index,
+    write_config_json,
+)
 from qlora_kit.errors import CheckpointError
 from qlora_kit.loader import build_empty, checkpoint_quant_config, quant_targets, read_config, skip_patterns
 from qlora_kit.quant import QuantConfig, QuantizedWeight
 
-SIDE_FILES = ("generation_config.json",)
 
 
 @dataclass
@@ -83,13 +85,10 @@ def quantize_checkpoint(
             raise CheckpointError(f"{model_dir}: no linear layer found to quantize")
         report.shards = len(writer.finish())
         report.bytes_out = writer.total_bytes
-        _write_config(model_dir, tmp, quant, dtype, skip_patterns(model))
+        cfg = read_config_json(model_dir)
+        cfg["quantization_config"] = bnb_quantization_config(quant, dtype, skip_patterns(model))
+        write_config_json(tmp, cfg)
         copy_side_files(model_dir, tmp)
         copy_side_files(model_dir, tmp, SIDE_FILES)
     return report
 
-
-def _write_config(model_dir: Path, out: Path, quant: QuantConfig, dtype: torch.dtype, skip: list[str]) -> None:
-    cfg = json.loads((model_dir / "config.json").read_text())
-    cfg["quantization_config"] = bnb_quantization_config(quant, dtype, skip)
-    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

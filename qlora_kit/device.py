@@ -9,6 +9,7 @@ import torch
 from qlora_kit.errors import CheckpointError, ConfigError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+"""The compute dtypes a recipe may name; `config`, `shapes` and the planner take their names and sizes from here."""
 
 
 def resolve_device(name: str | None = None) -> torch.device:

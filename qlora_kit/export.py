@@ -26,7 +26,6 @@ adapter directory's when it has them, since those are what training used; else t
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
@@ -38,9 +37,10 @@ import torch
 from tqdm import tqdm
 
 from qlora_kit.adapters import CHAT_TEMPLATE_NAME, adapter_index, read_adapter_config
-from qlora_kit.checkpoint import (
-    TOKENIZER_FILES, AtomicDir, StreamingShardWriter, TensorInfo, TensorReader, copy_side_files, iter_by_file,
-    read_config_json, tensor_index,
+from qlora_kit.atomic import AtomicDir
+from qlora_kit.safetensors_io import (
+    SIDE_FILES, TOKENIZER_FILES, StreamingShardWriter, TensorInfo, TensorReader, copy_side_files, iter_by_file,
+    read_config_json, tensor_index, write_config_json,
 )
 from qlora_kit.errors import CheckpointError, ConfigError
 from qlora_kit.lora import LoraConfig, merge_delta_
@@ -48,7 +48,6 @@ from qlora_kit.quant import FLOAT_DTYPES, QuantConfig, QuantizedWeight, stored_q
 from qlora_kit.targets import Target, checkpoint_key, read_record
 
 MERGE_INTO = ("dequantized", "original")
-SIDE_FILES = ("generation_config.json",)
 BNB_DTYPE = torch.bfloat16  # the compute dtype a 4-bit base is dequantized to
 MAX_WORKERS = 4  # tensors in flight at once: each holds a few tensors' worth of buffers
 
@@ -153,7 +152,7 @@ def export_merged(
             _run(keys, jobs, reader, writer, settings, progress)
             report.shards = len(writer.finish())
         report.bytes_out = writer.total_bytes
-        _write_config(base_dir, tmp, dtype)
+        write_config_json(tmp, _merged_config(config, dtype))
         copy_side_files(base_dir, tmp, SIDE_FILES)
         copy_side_files(_tokenizer_source(adapter_dir, base_dir), tmp)
         copy_side_files(adapter_dir, tmp, (CHAT_TEMPLATE_NAME,))  # the template training used wins
@@ -382,12 +381,12 @@ def _base_weight(reader: TensorReader, buffers: _Buffers, key: str, job: _Job, s
     return qw.dequantize(dtype, out=w if in_place else None), buffer
 
 
-def _write_config(base_dir: Path, out: Path, dtype: torch.dtype) -> None:
+def _merged_config(base_config: dict, dtype: torch.dtype) -> dict:
     """The base's config.json as written, minus any quantization_config, with the dtype of what was written."""
-    cfg = json.loads((base_dir / "config.json").read_text())
+    cfg = dict(base_config)
     cfg.pop("quantization_config", None)
     name = str(dtype).removeprefix("torch.")
     cfg["dtype"] = name
     if "torch_dtype" in cfg:
         cfg["torch_dtype"] = name
-    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return cfg

@@ -13,6 +13,7 @@ from typing import Any
 
 from qlora_kit.config import Recipe, load_recipe
 from qlora_kit.errors import ConfigError
+from qlora_kit.quant import QuantConfig
 from qlora_kit.plan import GiB, ModelShape, Plan, Settings, plan_shape, read_model_config, recipe_model_config
 
 
@@ -101,7 +102,7 @@ def format_plan(plan: Plan) -> str:
         f"memory plan: {plan.model}, {_count(plan.params)} params ({_count(plan.quantized_params)} in 4 bits), "
         f"{_count(plan.adapter_params)} adapter params",
         f"  batch {st['batch_size']} x seq {st['seq_len']}, LoRA r={lora['r']} on {','.join(lora['target_modules'])} "
-        f"(dropout {lora['dropout']}), {q['type']}{'+dq' if q['double_quant'] else ''}/{q['blocksize']}, "
+        f"(dropout {lora['dropout']}), {QuantConfig(**q)}, "
         f"{st['optimizer']}, checkpointing {'on' if st['gradient_checkpointing'] else 'off'}, "
         f"{st['attn_implementation']}, {st['compute_dtype']}, on {st['device']}",
         "",

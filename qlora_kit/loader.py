@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, Generation
 from transformers.pytorch_utils import Conv1D
 from transformers.quantizers.quantizers_utils import should_convert_module
 
-from qlora_kit.checkpoint import TensorInfo, TensorReader, iter_by_file, read_config_json, tensor_index
+from qlora_kit.safetensors_io import TensorInfo, TensorReader, iter_by_file, read_config_json, tensor_index
 from qlora_kit.errors import CheckpointError
 from qlora_kit.lora import LoraConfig, QLinear, add_lora
 from qlora_kit.quant import QuantConfig, QuantizedWeight, stored_quant_config

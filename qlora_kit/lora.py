@@ -237,7 +237,7 @@ class QLinear(nn.Module):
         q = self.qweight
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"quant={q.quant_type}{'+dq' if q.nested_absmax is not None else ''}/{q.blocksize}, "
+            f"quant={q.config}, "
             f"adapters={list(self.lora_A)}"
         )
 

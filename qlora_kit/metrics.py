@@ -10,6 +10,8 @@ import json
 import os
 from pathlib import Path
 
+from qlora_kit.atomic import atomic_write
+
 NAME = "metrics.jsonl"
 
 
@@ -33,9 +35,7 @@ class MetricsLog:
     def __init__(self, out_dir: Path, upto_step: int, tensorboard: bool = False) -> None:
         self.path = out_dir / NAME
         self.records = [r for r in read_metrics(out_dir) if r.get("step", 0) <= upto_step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
         self._file = open(self.path, "a")
         self._tb = None
         if tensorboard:

@@ -18,7 +18,9 @@ from qlora_kit.errors import ConfigError
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "adamw")
+"""The optimizer names a recipe may use (`config.Recipe` checks against this list)."""
 SCHEDULERS = ("constant", "cosine", "linear")
+"""The learning-rate schedules a recipe may name."""
 
 
 def make_optimizer(

@@ -406,9 +406,8 @@ def _settings_dict(st: Settings) -> dict[str, Any]:
 def assumptions(shape: ModelShape, st: Settings) -> list[str]:
     """The modelling choices behind the numbers, stated with the plan."""
     q = st.quant
-    layout = f"{q.type}{'+double-quant' if q.double_quant else ''}/{q.blocksize}"
     out = [
-        f"weights: 4-bit linears at the exact bitsandbytes layout ({layout}, {q.bits_per_param():.3f} bits/param); "
+        f"weights: 4-bit linears at the exact bitsandbytes layout ({q}, {q.bits_per_param():.3f} bits/param); "
         f"the shared code tables (16 and 256 fp32 values) are not counted; other parameters in {st.compute_dtype}",
         "adapters: fp32 masters, r*(in+out) per adapted linear; their gradients fp32, the same size",
     ]

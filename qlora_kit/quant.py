@@ -47,6 +47,10 @@ class QuantConfig:
         if self.blocksize not in BLOCKSIZES:
             raise ConfigError(f"quant.blocksize must be a power of two in 32..4096, got {self.blocksize!r}")
 
+    def __str__(self) -> str:
+        """The layout in one word, as every message and report writes it: "nf4+dq/64", "fp4/128"."""
+        return f"{self.type}{'+dq' if self.double_quant else ''}/{self.blocksize}"
+
     def bits_per_param(self) -> float:
         """Storage cost of one parameter: 4 bits of code plus the share of its block's scale."""
         if not self.double_quant:

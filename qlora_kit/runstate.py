@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qlora_kit.adapters import AdapterFiles
-from qlora_kit.checkpoint import AtomicDir
+from qlora_kit.atomic import AtomicDir, atomic_write
 from qlora_kit.errors import CheckpointError
 
 DIR = "checkpoints"
@@ -53,7 +53,7 @@ def save_checkpoint(out_dir: Path, step: int, state: dict[str, Any], keep: int) 
         except RuntimeError as e:  # torch reports a failed write (a full disk) as RuntimeError, not OSError
             raise OSError(f"{OPTIMIZER}: {e}") from e
         save_file(state["rng"], str(tmp / RNG))
-        (tmp / STATE).write_text(json.dumps({k: state[k] for k in _JSON_KEYS}, indent=1) + "\n")
+        atomic_write(tmp / STATE, json.dumps({k: state[k] for k in _JSON_KEYS}, indent=1) + "\n")
     _rotate(out_dir, keep)
     _clean_partials(out_dir)
     return target

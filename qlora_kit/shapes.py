@@ -14,15 +14,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from qlora_kit.config import OPTIMIZERS, Recipe
+from qlora_kit.config import Recipe
+from qlora_kit.device import DTYPES
 from qlora_kit.errors import ConfigError
 from qlora_kit.lora import LoraConfig
+from qlora_kit.optim import OPTIMIZERS
 from qlora_kit.quant import QuantConfig
 
 GiB = 1024**3
 ATTENTION = ("sdpa", "eager")
 DEVICES = ("cuda", "cpu")
-ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
+ITEMSIZE = {name: dtype.itemsize for name, dtype in DTYPES.items()}
 
 
 @dataclass(frozen=True)

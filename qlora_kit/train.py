@@ -26,7 +26,7 @@ from tqdm import tqdm
 from qlora_kit import runstate
 from qlora_kit.adapters import AdapterFiles, load_adapter_state
 from qlora_kit.batching import BatchIterator, eval_batches
-from qlora_kit.checkpoint import AtomicDir
+from qlora_kit.atomic import AtomicDir
 from qlora_kit.config import Recipe, dump_recipe
 from qlora_kit.data import IGNORE_INDEX, build_datasets, chat_template, ensure_pad_token
 from qlora_kit.errors import CheckpointError, QloraKitError

@@ -105,7 +105,7 @@ def test_adapter_trained_on_another_quantization_loads_with_a_warning(tmp_path, 
     assert not caplog.records
     with caplog.at_level("WARNING", logger="qlora_kit.adapters"):
         load_adapter(load_quantized(llama_dir), tmp_path / "fp4")
-    assert [r.getMessage() for r in caplog.records if "fp4/128 base; this model holds nf4+double-quant/64" in
+    assert [r.getMessage() for r in caplog.records if "fp4/128 base; this model holds nf4+dq/64" in
             r.getMessage()], caplog.text
 
 

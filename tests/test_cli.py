@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from qlora_kit import checkpoint as ckpt
+from qlora_kit import safetensors_io as ckpt
 from qlora_kit.cli import main
 from qlora_kit.convert import quantize_checkpoint
 from qlora_kit.loader import load_quantized
@@ -95,7 +95,7 @@ def test_sigkill_mid_quantize_leaves_only_a_hidden_temp_dir(tmp_path, llama_dir)
     """A killed process cannot clean up; what it leaves is a dot-named temp dir, never OUT_DIR."""
     out = tmp_path / "q"
     code = (
-        "import os, signal, qlora_kit.checkpoint as c\n"
+        "import os, signal, qlora_kit.safetensors_io as c\n"
         "orig = c.ShardWriter._flush\n"
         "def flush(self):\n    orig(self); os.kill(os.getpid(), signal.SIGKILL)\n"
         "c.ShardWriter._flush = flush\n"

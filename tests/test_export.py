@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from qlora_kit.adapters import WEIGHTS_NAME, adapted_modules, save_adapter
-from qlora_kit.checkpoint import tensor_index
+from qlora_kit.safetensors_io import tensor_index
 from qlora_kit.cli import main
 from qlora_kit.convert import quantize_checkpoint
 from qlora_kit.errors import CheckpointError, ConfigError
@@ -203,7 +203,7 @@ def test_copied_tensors_survive_file_systems_without_copy_file_range(tmp_path, l
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
     monkeypatch.setattr(os, "copy_file_range", refused)
-    monkeypatch.setattr("qlora_kit.checkpoint._COPY_CHUNK", 1000)  # several chunks per tensor
+    monkeypatch.setattr("qlora_kit.safetensors_io._COPY_CHUNK", 1000)  # several chunks per tensor
     _export(tmp_path / "adapter", tmp_path / "buffered")
     assert (tmp_path / "kernel" / "model.safetensors").read_bytes() == (
         tmp_path / "buffered" / "model.safetensors").read_bytes()
@@ -350,7 +350,7 @@ def test_streaming_shard_writer_matches_safetensors(tmp_path):
     """Header-first shards read back by safetensors itself, split and indexed as ShardWriter splits them."""
     from safetensors import safe_open
 
-    from qlora_kit.checkpoint import INDEX_NAME, ShardWriter, StreamingShardWriter
+    from qlora_kit.safetensors_io import INDEX_NAME, ShardWriter, StreamingShardWriter
 
     g = torch.Generator().manual_seed(0)
     tensors = {"a.weight": torch.randn(33, 7, generator=g).bfloat16(), "b.bias": torch.randn(5, generator=g),
@@ -375,7 +375,7 @@ def test_streaming_shard_writer_matches_safetensors(tmp_path):
 
 
 def test_streaming_shard_writer_refuses_what_was_not_planned(tmp_path):
-    from qlora_kit.checkpoint import StreamingShardWriter
+    from qlora_kit.safetensors_io import StreamingShardWriter
 
     w = StreamingShardWriter(tmp_path, [("x", (2, 3), torch.bfloat16), ("y", (4,), torch.float32)])
     with pytest.raises(CheckpointError, match=r"x: planned as \[2, 3\] torch.bfloat16, got \[3, 2\]"):

@@ -9,7 +9,7 @@ import torch
 from bitsandbytes.functional import dequantize_4bit
 from transformers import AutoModel, AutoModelForCausalLM, BitsAndBytesConfig
 
-from qlora_kit.checkpoint import tensor_index
+from qlora_kit.safetensors_io import tensor_index
 from qlora_kit.convert import quantize_checkpoint
 from qlora_kit.errors import CheckpointError
 from qlora_kit.loader import load_quantized

@@ -175,7 +175,7 @@ def test_guanaco_65b_fits_one_48gb_gpu_as_in_the_paper():
     paper_way = plan.total_bytes - plan.adapter_bytes // 2 - plan.gradient_bytes // 2
     assert 43e9 <= paper_way <= 47e9
     text = " ".join(plan.assumptions)
-    assert "paged" in text and "overhead" in text and "nf4+double-quant/64" in text
+    assert "paged" in text and "overhead" in text and "nf4+dq/64" in text
 
 
 def _header_gpu_gb(recipe: Path) -> float | None:

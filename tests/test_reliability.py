@@ -427,8 +427,8 @@ DISK_FULL = {
     "train-final-adapter": ("train", "qlora_kit.adapters.save_file", ".adapter.tmp-", "safetensors"),
     "train-final-adapter-config": ("train", "pathlib.Path.write_text", ".adapter.tmp-", "oserror"),
     "train-metrics": ("train", "pathlib.Path.write_text", "metrics.jsonl", "oserror"),
-    "quantize-shard": ("quantize", "qlora_kit.checkpoint.save_file", ".partial", "oserror"),
-    "quantize-shard-safetensors": ("quantize", "qlora_kit.checkpoint.save_file", ".partial", "safetensors"),
+    "quantize-shard": ("quantize", "qlora_kit.safetensors_io.save_file", ".partial", "oserror"),
+    "quantize-shard-safetensors": ("quantize", "qlora_kit.safetensors_io.save_file", ".partial", "safetensors"),
     "quantize-config": ("quantize", "pathlib.Path.write_text", "config.json", "oserror"),
     "export-config": ("export", "pathlib.Path.write_text", "config.json", "oserror"),
 }
@@ -712,7 +712,7 @@ def test_sigkill_at_random_moments_then_resume_is_exact(ws, tmp_path):
 @pytest.mark.parametrize("at", ["header", "data"])
 def test_disk_full_while_export_streams_shards(ws, tmp_path, capsys, monkeypatch, at):
     """Export writes each tensor into its shard from worker threads; ENOSPC there still becomes one line."""
-    from qlora_kit import checkpoint
+    from qlora_kit import safetensors_io as checkpoint
 
     real = checkpoint._pwrite_all
 
@@ -733,7 +733,7 @@ def test_disk_full_while_export_streams_shards(ws, tmp_path, capsys, monkeypatch
 
 @pytest.mark.parametrize("where", ["add", "finish"])
 def test_ctrl_c_during_export_leaves_nothing_that_looks_finished(ws, tmp_path, capsys, monkeypatch, where):
-    from qlora_kit import checkpoint
+    from qlora_kit import safetensors_io as checkpoint
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -748,7 +748,7 @@ def test_sigkill_mid_export_leaves_only_a_hidden_temp_dir(ws, tmp_path):
     """A killed process cannot clean up; what it leaves is a dot-named temp dir, never OUT_DIR."""
     out = tmp_path / "out"
     code = textwrap.dedent(f"""
-        import os, signal, qlora_kit.checkpoint as c
+        import os, signal, qlora_kit.safetensors_io as c
         add, seen = c.StreamingShardWriter.add, []
         def dies(self, name, tensor):
             add(self, name, tensor); seen.append(name)

@@ -1,5 +1,6 @@
-"""Hugging Face checkpoint directories: find and validate safetensors files, read them tensor by tensor, write
-sharded output atomically.
+"""Safetensors I/O for Hugging Face checkpoint directories: find and validate safetensors files, read them tensor
+by tensor, write sharded output, and the side files (config.json, tokenizer) that travel with the weights.
+Training checkpoints are `runstate.py`'s; atomic directories and files are `atomic.py`'s.
 
 Reading uses positioned reads (`pread` at the header's offsets, safe from any thread) rather than a memory map:
 the page cache then holds the file, not our RSS, so a model larger than RAM streams through in constant resident
@@ -15,16 +16,15 @@ import math
 import os
 import shutil
 import struct
-import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from qlora_kit.atomic import atomic_write
 from qlora_kit.errors import CheckpointError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -35,7 +35,8 @@ _DTYPES = {
     "BOOL": torch.bool,
 }
 _MAX_HEADER = 100 * 1024 * 1024
-WRITE_ERRORS = (OSError, SafetensorError)  # a full disk reaches safetensors' callers as SafetensorError
+SIDE_FILES = ("generation_config.json",)
+"""Copied beside the weights of every checkpoint the kit writes, when the source has them."""
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
     "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
@@ -102,6 +103,11 @@ def read_config_json(model_dir: Path) -> dict:
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{cfg_file}: not a JSON object")
     return cfg
+
+
+def write_config_json(out_dir: Path, cfg: dict) -> None:
+    """config.json as transformers writes it (sorted keys, indented)."""
+    atomic_write(out_dir / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -187,49 +193,6 @@ class TensorReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-class AtomicDir:
-    """A directory that appears under its final name only when complete: built in a sibling temp dir, renamed.
-
-    An interrupted run leaves only `.<name>.tmp-*` beside the target, never a directory that looks finished (the
-    next successful one removes them); a failed write (a full disk) removes the temp dir and becomes one
-    CheckpointError naming the target.
-    """
-
-    def __init__(self, target: Path, overwrite: bool = False) -> None:
-        self.target = target
-        self.overwrite = overwrite
-        self.path: Path | None = None
-
-    def __enter__(self) -> Path:
-        if self.target.exists() and not self.overwrite:
-            raise CheckpointError(f"{self.target}: already exists; choose another output directory or remove it")
-        parent = self.target.parent
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-            self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=parent))
-            umask = os.umask(0o022)
-            os.umask(umask)
-            os.chmod(self.path, 0o777 & ~umask)  # mkdtemp's is owner-only; the result should read like any new dir
-        except OSError as e:
-            raise CheckpointError(f"{parent}: cannot create the output directory ({e.strerror})") from None
-        return self.path
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.path, ignore_errors=True)
-            if issubclass(exc_type, WRITE_ERRORS):
-                why = getattr(exc, "strerror", None) or str(exc)
-                raise CheckpointError(f"{self.target}: writing it failed ({why}); nothing was kept. Is the disk "
-                                      "full? Free some space and run the same command again") from exc
-            return
-        old = self.path.with_name(self.path.name + "-old")
-        if self.target.exists():  # renamed away, not deleted in place: a kill never leaves half the old one
-            os.replace(self.target, old)
-        os.replace(self.path, self.target)
-        for stale in [old, *self.target.parent.glob(f".{self.target.name}.tmp-*")]:  # left by killed runs
-            shutil.rmtree(stale, ignore_errors=True)
 
 
 class ShardWriter:
@@ -405,7 +368,7 @@ def _name_shards(out_dir: Path, shards: list[list[str]], total_bytes: int) -> li
     if n > 1:
         weight_map = {t: names[i] for i, keys in enumerate(shards) for t in keys}
         index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        atomic_write(out_dir / INDEX_NAME, json.dumps(index, indent=2) + "\n")
     return [out_dir / name for name in names]
 
 
