@@ -5,11 +5,13 @@ optional: without a working C compiler with OpenMP the package still installs, w
 quantizes on the torch path instead -- same bits, slower.
 """
 
+import os
+import tempfile
 import warnings
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
-from setuptools.errors import CCompilerError, ExecError, PlatformError
+from setuptools.errors import CCompilerError, CompileError, ExecError, PlatformError
 
 # The kernels must round exactly as torch does: no -ffast-math, no FMA contraction, no -march=native (the
 # C file picks AVX-512 / AVX2 / baseline at load time itself).
@@ -33,10 +35,31 @@ class OptionalBuildExt(build_ext):
             _skip(err)
 
     def build_extension(self, ext: Extension) -> None:
+        if not self._has_target_clones():
+            warnings.warn("qlora_kit: the C compiler rejects target_clones(\"arch=x86-64-v4\"); building the native "
+                          "kernels for baseline x86-64 only (same bits, slower)", stacklevel=2)
+            ext.define_macros.append(("Q4_NO_CLONES", "1"))
         try:
             super().build_extension(ext)
         except (CCompilerError, ExecError, PlatformError, OSError) as err:
             _skip(err)
+
+    def _has_target_clones(self) -> bool:
+        """Whether the compiler builds quant4.c's clone list (gcc >= 11 on x86-64 Linux; elsewhere the C file
+        uses no clones anyway, and the probe passes)."""
+        probe = ('#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)\n'
+                 '__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "arch=x86-64-v2", "default")))\n'
+                 '#endif\n'
+                 'int q4_probe(int x) { return x + 1; }\n')
+        with tempfile.TemporaryDirectory() as tmp:
+            src = os.path.join(tmp, "probe.c")
+            with open(src, "w") as f:
+                f.write(probe)
+            try:
+                self.compiler.compile([src], output_dir=tmp, extra_postargs=_CFLAGS)
+            except CompileError:
+                return False
+        return True
 
     def get_export_symbols(self, ext: Extension) -> list[str]:
         # Loaded with ctypes, never imported: there is no PyInit_ function to export.

@@ -3,8 +3,12 @@
 4-bit (NF4 / FP4, the weights) and 8-bit with a 256-entry code (the nested absmax of double quantization).
 The kernels are csrc/quant4.c, built as `qlora_kit._quant4` and loaded with ctypes (plain C, no Python API:
 ctypes drops the GIL for the call, and the C side splits blocks over torch.get_num_threads() OpenMP
-threads). When the library is missing -- no compiler at install time -- the same functions run the torch
-paths below, which reproduce bitsandbytes operation for operation: same bits, slower.
+threads). The library reports its ABI version (`q4_abi_version`), checked at load: a build of another
+version (a stale .so left from before a kernel's signature changed) is never called, only reported. When the
+library is missing, stale or unloadable -- no compiler at install time -- the same functions run the torch
+paths below, which reproduce bitsandbytes operation for operation: same bits, slower; the first such call logs
+one warning saying why. `make test` sets QLORA_KIT_REQUIRE_NATIVE=1, under which tests/test_native.py fails
+rather than letting every native test skip.
 
 4-bit layout (bitsandbytes'): codes packed two per byte, the first element in the high nibble, in a flat
 uint8 tensor of ceil(n/2) bytes; one fp32 absmax per block of `blocksize` elements, ceil(n/blocksize) of them.
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import logging
 import math
 from collections.abc import Sequence
 from functools import cache
@@ -23,32 +28,53 @@ import torch
 
 from qlora_kit.codes import four_bit
 
+log = logging.getLogger(__name__)
+
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+ABI_VERSION = 1
+"""The kernels' interface version; csrc/quant4.c's Q4_ABI_VERSION must equal it (bump both with any signature)."""
+REBUILD = "rebuild with `python setup.py build_ext --inplace` (or `make`)"
 
 
-def _load() -> ctypes.CDLL | None:
-    """The built kernels, or None. find_spec locates the file without importing it (it has no PyInit)."""
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    """(the built kernels, "") or (None, why not). find_spec locates the file without importing it (no PyInit)."""
     spec = importlib.util.find_spec(f"{__package__}._quant4")
     if spec is None or not spec.origin:
-        return None
-    ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        return None, "the native kernels (qlora_kit._quant4) were not built: no C compiler with OpenMP at install?"
     try:
         lib = ctypes.CDLL(spec.origin)
-        lib.q4_quantize.argtypes = [ptr, i32, i64, i64, ptr, ptr, i32, ptr, ptr, i32]
-        lib.q4_dequantize.argtypes = [ptr, ptr, i64, i64, ptr, i32, ptr, i32]
-        lib.q8_build_lut.argtypes = [ptr, ptr]
-        lib.q8_quantize.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i32]
-        lib.q8_dequantize.argtypes = [ptr, ptr, i64, i64, ptr, ctypes.c_float, ptr, i32]
-    except (OSError, AttributeError):  # another platform's build, no OpenMP runtime, or a stale build
-        return None
+    except OSError as e:  # another platform's build, or no OpenMP runtime
+        return None, f"{spec.origin} cannot be loaded ({e})"
+    try:
+        lib.q4_abi_version.restype = ctypes.c_int
+        lib.q4_abi_version.argtypes = []
+        version = lib.q4_abi_version()
+    except AttributeError:
+        version = 0  # built before the version symbol existed
+    if version != ABI_VERSION:
+        return None, f"{spec.origin} is a stale build (ABI version {version}, this code needs {ABI_VERSION}); {REBUILD}"
+    ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.q4_quantize.argtypes = [ptr, i32, i64, i64, ptr, ptr, i32, ptr, ptr, i32]
+    lib.q4_dequantize.argtypes = [ptr, ptr, i64, i64, ptr, i32, ptr, i32]
+    lib.q8_build_lut.argtypes = [ptr, ptr]
+    lib.q8_quantize.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i32]
+    lib.q8_dequantize.argtypes = [ptr, ptr, i64, i64, ptr, ctypes.c_float, ptr, i32]
     lib.q4_quantize.restype = lib.q4_dequantize.restype = i32
     lib.q8_quantize.restype = lib.q8_dequantize.restype = i32
     lib.q8_build_lut.restype = None
-    return lib
+    return lib, ""
 
 
-_LIB = _load()
+_LIB, UNAVAILABLE = _load()
 HAVE_NATIVE: bool = _LIB is not None
+"""Whether the C kernels are in use; `UNAVAILABLE` says why not."""
+
+
+@cache
+def _note_fallback() -> None:
+    """One warning per process, at the first call that runs on the torch path."""
+    log.warning("%s; quantizing on the pure-torch path instead: same bits, several times slower",
+                UNAVAILABLE or "the native kernels are disabled")
 
 
 @cache
@@ -77,6 +103,7 @@ def quantize_4bit(A: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4")
     _check(blocksize, quant_type, A.dtype, A)
     A = A.detach().contiguous()
     if _LIB is None:
+        _note_fallback()
         return _torch_quantize(A.reshape(-1), blocksize, quant_type)
     n = A.numel()
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
@@ -115,6 +142,7 @@ def dequantize_4bit(
     if out is not None and (out.shape != tuple(shape) or out.dtype != dtype or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous {dtype} tensor of shape {tuple(shape)}")
     if _LIB is None:
+        _note_fallback()
         result = _torch_dequantize(packed, absmax, blocksize, quant_type, n, dtype).reshape(shape)
         return result if out is None else out.copy_(result)
     out = torch.empty(tuple(shape), dtype=dtype) if out is None else out
@@ -211,6 +239,7 @@ def quantize_blockwise(
     A = A.detach().contiguous()
     lut = _lut8(code.detach().contiguous().numpy().tobytes())
     if _LIB is None:
+        _note_fallback()
         return _torch_quantize8(A, lut, blocksize)
     n = A.numel()
     out = torch.empty(A.shape, dtype=torch.uint8)
@@ -238,6 +267,7 @@ def dequantize_blockwise(
     off = -0.0 if offset is None else float(offset)
     code = code.detach().contiguous()
     if _LIB is None:
+        _note_fallback()
         return _torch_dequantize8(codes, absmax, code, blocksize, off)
     out = torch.empty(codes.shape, dtype=torch.float32)
     rc = _LIB.q8_dequantize(codes.data_ptr(), absmax.data_ptr(), n, blocksize, code.data_ptr(), off,

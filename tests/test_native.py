@@ -372,3 +372,79 @@ def test_rejects_what_it_cannot_do8():
     codes, absmax = _native.quantize_blockwise(A, CODE8, 256)
     with pytest.raises(ValueError, match="too few"):
         _native.dequantize_blockwise(codes, absmax[:1], CODE8, 256)
+
+
+# --- the build: present when required, checked at load, honest when absent ---------------------------------
+
+
+def test_native_kernels_are_built_where_required():
+    """`make test` (CI) sets QLORA_KIT_REQUIRE_NATIVE=1: a missing or stale build fails here instead of letting
+    every native test skip."""
+    import os
+
+    if os.environ.get("QLORA_KIT_REQUIRE_NATIVE") != "1":
+        pytest.skip("QLORA_KIT_REQUIRE_NATIVE is not set (make test sets it)")
+    assert _native.HAVE_NATIVE, _native.UNAVAILABLE
+
+
+def _build(tmp_path, source: str, *flags: str):
+    """A shared library from C source text or a file, with the flags setup.py uses; None without gcc."""
+    import shutil
+    import subprocess
+
+    if shutil.which("gcc") is None:
+        pytest.skip("no gcc")
+    src = source if source.endswith(".c") else str(tmp_path / "lib.c")
+    if src != source:
+        (tmp_path / "lib.c").write_text(source)
+    out = tmp_path / "lib.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-fopenmp", "-ffp-contract=off", "-fno-fast-math",
+                    "-std=gnu11", *flags, src, "-o", str(out)], check=True, capture_output=True, timeout=120)
+    return out
+
+
+def _load_from(path, monkeypatch):
+    import importlib.util
+    from importlib.machinery import ModuleSpec
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: ModuleSpec(name, None, origin=str(path))
+                        if name.endswith("._quant4") else real(name, *a))
+    return _native._load()
+
+
+@pytest.mark.parametrize("source, version", [("int q4_abi_version(void) { return 0; }\n", 0),
+                                             ("int q4_quantize(void) { return 0; }\n", 0)])
+def test_a_stale_build_is_never_called(tmp_path, monkeypatch, source, version):
+    lib, why = _load_from(_build(tmp_path, source), monkeypatch)
+    assert lib is None
+    assert f"is a stale build (ABI version {version}, this code needs {_native.ABI_VERSION})" in why
+    assert "build_ext --inplace" in why
+
+
+def test_kernels_built_without_target_clones_give_the_same_bits(tmp_path, monkeypatch):
+    """The guard for compilers without target_clones("arch=x86-64-v4"): Q4_NO_CLONES builds the baseline only."""
+    from pathlib import Path
+
+    csrc = Path(_native.__file__).parent / "csrc" / "quant4.c"
+    lib, why = _load_from(_build(tmp_path, str(csrc), "-DQ4_NO_CLONES"), monkeypatch)
+    assert lib is not None, why
+    A = weights((33, 65), torch.bfloat16)
+    expected = _native.quantize_4bit(A, 64, "nf4")
+    monkeypatch.setattr(_native, "_LIB", lib)
+    got = _native.quantize_4bit(A, 64, "nf4")
+    assert torch.equal(got[0], expected[0]) and same_bits(got[1], expected[1])
+
+
+def test_the_torch_fallback_says_so_once(monkeypatch, caplog):
+    monkeypatch.setattr(_native, "_LIB", None)
+    monkeypatch.setattr(_native, "UNAVAILABLE", "the native kernels (qlora_kit._quant4) were not built")
+    _native._note_fallback.cache_clear()
+    with caplog.at_level("WARNING", logger="qlora_kit._native"):
+        for _ in range(3):
+            packed, absmax = _native.quantize_4bit(weights((64,), torch.float32), 64, "nf4")
+            _native.dequantize_4bit(packed, absmax, 64, "nf4", (64,), torch.float32)
+    _native._note_fallback.cache_clear()
+    assert [r.getMessage() for r in caplog.records] == [
+        "the native kernels (qlora_kit._quant4) were not built; quantizing on the pure-torch path instead: "
+        "same bits, several times slower"]

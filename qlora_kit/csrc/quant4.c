@@ -7,8 +7,11 @@
  * is that same IEEE operation, so results match to the bit. Hence: never build this file with -ffast-math,
  * flush-to-zero or FMA contraction (the 1e-38 clamp is a float32 subnormal).
  *
- * The tables (bounds, order, code) come from the caller, computed by bitsandbytes itself, so nothing here
- * can drift from it. Plain C over raw pointers, loaded with ctypes: no Python or torch headers.
+ * The tables (bounds, order, code) come from the caller: qlora_kit/codes.py holds bitsandbytes' 16 levels
+ * and _native._tables derives the midpoints and order from them as bitsandbytes does (tests check both
+ * against bitsandbytes), so the same tables reach this file and the torch fallback. Plain C over raw
+ * pointers, loaded with ctypes: no Python or torch headers. q4_abi_version() reports Q4_ABI_VERSION, which
+ * _native.py checks before it calls anything: change a signature, bump both.
  *
  * Speed: the bucket search is a branchless sum over 15 compares that gcc vectorizes across elements; the
  * hot loops have fixed widths, so they carry no remainder code; dequantize looks codes up 16 at a time with
@@ -26,11 +29,19 @@
 #include <omp.h>
 #endif
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define Q4_ABI_VERSION 1
+
+/* The x86-64-vN names exist from GCC 11 on; setup.py also probes the compiler and defines Q4_NO_CLONES when
+ * it rejects them (an older gcc, a cross compiler). Without clones the kernels are built for the baseline
+ * only: the same bits, slower. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) && __GNUC__ >= 11 \
+    && !defined(Q4_NO_CLONES)
 #define Q4_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "arch=x86-64-v2", "default")))
 #else
 #define Q4_CLONES
 #endif
+
+int q4_abi_version(void) { return Q4_ABI_VERSION; }
 
 enum { Q4_F32 = 0, Q4_BF16 = 1, Q4_F16 = 2 };
 enum { Q4_NBOUNDS = 15, Q4_NCODES = 16 };
