@@ -162,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # here, not under __main__: the installed `qlora-kit` script calls main() directly. Tokenizers would
+    # otherwise warn (and risk a deadlock) when a dataloader or the export's threads fork after tokenizing.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # `train recipe.yaml --no-progress lora.r=8`: overrides may follow the options too.
@@ -192,5 +195,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.exit(main())

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import TextIO
 
 import torch
-from transformers import TextStreamer
+from transformers import AutoModelForCausalLM, TextStreamer
 
 from qlora_kit.adapters import load_adapter, per_row_adapters, read_chat_template
 from qlora_kit.data import Prompt, ensure_pad_token, read_jsonl, render_prompt
 from qlora_kit.device import load_tokenizer, resolve_device
-from qlora_kit.errors import DataError
-from qlora_kit.loader import load_quantized
+from qlora_kit.errors import CheckpointError, DataError
+from qlora_kit.loader import load_quantized, model_class, read_config
 
 render = render_prompt
 """The old name of `data.render_prompt` (`prompt, chat = render(tokenizer, row)` still reads the same)."""
@@ -53,10 +53,24 @@ def read_prompt_file(path: Path) -> list[dict]:
 def load_model(model_dir: str | Path, adapters: dict[str, Path], device: str | None = None,
                dtype: torch.dtype = torch.bfloat16):
     """The 4-bit base with every named adapter loaded onto it (each one small; the base is loaded once)."""
+    _check_lm_head(Path(model_dir))
     model = load_quantized(model_dir, device=resolve_device(device), dtype=dtype)
     for name, adapter_dir in adapters.items():
         load_adapter(model, adapter_dir, name)
     return model.eval(), load_tokenizer(model_dir)
+
+
+def _check_lm_head(model_dir: Path) -> None:
+    """Refuse, before any weight is read, a checkpoint the loader builds without an LM head (its config names no
+    causal-LM architecture): there is nothing to generate with."""
+    config = read_config(model_dir)
+    if model_class(config) is not AutoModelForCausalLM:
+        archs = ", ".join(config.architectures or []) or "none"
+        raise CheckpointError(
+            f"{model_dir / 'config.json'}: names no causal-LM architecture (architectures: {archs}), so the model "
+            "loads without an LM head and cannot generate; use a *ForCausalLM checkpoint, or add its class "
+            '(e.g. "architectures": ["LlamaForCausalLM"]) to config.json if the weights hold the head'
+        )
 
 
 @torch.no_grad()

@@ -75,6 +75,17 @@ def test_bad_input_in_a_fresh_process_prints_no_traceback(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("qlora-kit: error:")
 
 
+@pytest.mark.parametrize("preset", [None, "true"])
+def test_main_sets_tokenizers_parallelism_as_the_console_script_runs_it(tmp_path, monkeypatch, preset):
+    """The installed `qlora-kit` script calls main() itself, never the module's __main__ block."""
+    if preset is None:
+        monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    else:
+        monkeypatch.setenv("TOKENIZERS_PARALLELISM", preset)
+    assert main(["quantize", str(tmp_path / "nope"), str(tmp_path / "o")]) == 2
+    assert os.environ["TOKENIZERS_PARALLELISM"] == (preset or "false")  # a user's own setting is kept
+
+
 def test_debug_keeps_the_traceback(tmp_path):
     proc = run_cli("--debug", "quantize", str(tmp_path / "nope"), str(tmp_path / "o"))
     assert proc.returncode != 0 and "Traceback" in proc.stderr

@@ -200,6 +200,7 @@ def test_roundtrip_matches_public_bitsandbytes(backend, dtype, quant_type, shape
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_native_equals_fallback_on_a_large_tensor_any_thread_count(threads, monkeypatch):
     A = weights((1031, 1031), torch.bfloat16)  # blocks that straddle rows, a tail, work split unevenly
+    assert A.numel() // _min_per_thread("Q4_MIN_PER_THREAD") >= threads  # every thread given is woken
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     native = _native.quantize_4bit(A, 64, "nf4")
     native_out = _native.dequantize_4bit(*native, 64, "nf4", A.shape, torch.bfloat16)
@@ -338,10 +339,23 @@ def test_roundtrip8_nested_absmax_as_bitsandbytes_stores_it(backend):
     assert same_bits(_native.dequantize_blockwise(codes, nested, CODE8, 256, offset=offset), ref)
 
 
+def _min_per_thread(name: str) -> int:
+    """A kernel's minimum elements per OpenMP thread, read from csrc/quant4.c (`enum { NAME = 1 << k };`)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(_native.__file__).parent / "csrc" / "quant4.c").read_text()
+    return 1 << int(re.search(rf"{name} = 1 << (\d+)", text)[1])
+
+
 @pytest.mark.skipif(not _native.HAVE_NATIVE, reason="qlora_kit._quant4 was not built")
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_native8_equals_fallback_on_a_large_tensor_any_thread_count(threads, monkeypatch):
-    A = weights((1031, 1031), torch.float32)  # 2^20 values: work split over threads, uneven, with a tail
+    # enough values that the kernel wakes every thread it is given (it keeps one per Q8_MIN_PER_THREAD), split
+    # unevenly, with a tail block
+    n = 3 * _min_per_thread("Q8_MIN_PER_THREAD") + 1031
+    A = weights((n,), torch.float32)
+    assert n // _min_per_thread("Q8_MIN_PER_THREAD") >= threads
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     native = _native.quantize_blockwise(A, CODE8, 256)
     native_out = _native.dequantize_blockwise(*native, CODE8, 256, offset=0.5)

@@ -94,6 +94,21 @@ def test_to_moves_without_requantizing():
     assert moved is not qw and torch.equal(moved.packed, qw.packed) and moved.shape == qw.shape
 
 
+@pytest.mark.parametrize("device", ["meta", *(["cuda"] if torch.cuda.is_available() else [])])
+def test_to_another_device_type_moves_every_tensor_as_it_is(device):
+    qw = QuantizedWeight.quantize(torch.randn(16, 64))
+    moved = qw.to(device)
+    tensors = ("packed", "absmax", "nested_absmax", "nested_code", "offset")
+    assert moved.device.type == device and all(getattr(moved, t).device.type == device for t in tensors)
+    assert all(getattr(moved, t).shape == getattr(qw, t).shape and getattr(moved, t).dtype == getattr(qw, t).dtype
+               for t in tensors)
+    assert (moved.shape, moved.dtype, moved.blocksize, moved.quant_type) == (qw.shape, qw.dtype, 64, "nf4")
+    assert qw.device.type == "cpu"  # the original stays where it was
+    if device != "meta":
+        back = moved.to("cpu")
+        assert all(torch.equal(getattr(back, t), getattr(qw, t)) for t in tensors)
+
+
 def test_inconsistent_state_is_a_checkpoint_error():
     sd = QuantizedWeight.quantize(torch.randn(16, 64)).state_dict()
     sd["weight"] = sd["weight"][:-3]

@@ -121,6 +121,17 @@ def _model_with_text(name: str, text: str):
     return build
 
 
+def _model_config_edit(edit):
+    def build(ws, tmp):
+        path = _model_copy(ws, tmp)
+        cfg = json.loads((path / "config.json").read_text())
+        edit(cfg)
+        (path / "config.json").write_text(json.dumps(cfg))
+        return path
+
+    return build
+
+
 def _model_edit_weights(edit):
     def build(ws, tmp):
         path = _model_copy(ws, tmp)
@@ -334,6 +345,8 @@ BAD_INPUTS = {
     "generate-adapter-truncated": (_generate(adapter=_adapter_edit(lambda p: _truncate(
         p / "adapter_model.safetensors"))), ["adapter_model.safetensors: cannot read"]),
     "generate-pickle-only": (_generate(model=_pickle_only), ["only pickle weights", "safetensors only"]),
+    "generate-no-lm-head": (_generate(model=_model_config_edit(lambda cfg: cfg.pop("architectures"))),
+                            ["config.json: names no causal-LM architecture (architectures: none)", "ForCausalLM"]),
     "generate-adapter-spec": (lambda ws, tmp: ["generate", str(ws.base), "--adapter", "nodir", "--prompt", "x"],
                               ["--adapter 'nodir': expected NAME=DIR"]),
     "generate-prompt-bad-line": (_generate(prompts=_file("p.jsonl", '{"prompt": "a"}\n{"prompt": \n')),
