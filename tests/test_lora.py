@@ -121,10 +121,11 @@ def test_the_4bit_weight_is_frozen_module_state_that_casts_never_touch(double_qu
     sd = layer.state_dict()  # bitsandbytes' layout, as before the parameters existed
     assert set(sd) >= {"weight", "weight.absmax", "weight.quant_map", f"weight.quant_state.bitsandbytes__nf4"}
     assert not set(sd) & set(QUANT_STATE) and sd["weight"].shape == (48 * 80 // 2, 1)
-    fresh = QLinear(QuantizedWeight.quantize(torch.randn(8, 16)), torch.zeros(48))
+    other = QuantConfig("fp4", double_quant=not double_quant, blocksize=128)
+    fresh = QLinear(QuantizedWeight.quantize(torch.randn(48, 80), other), torch.zeros(48))
     fresh.add_adapter("default", LoraConfig(r=4, alpha=8))
-    fresh.load_state_dict(sd)  # strict: every key lands, the old shape and quantization are replaced
-    assert fresh.qweight.shape == qw.shape and torch.equal(fresh.qweight.dequantize(), qw.dequantize())
+    fresh.load_state_dict(sd)  # strict: every key lands, the old quantization is replaced
+    assert fresh.qweight.config == qw.config and torch.equal(fresh.qweight.dequantize(), qw.dequantize())
     assert fresh.codes.requires_grad is False
 
 
