@@ -68,11 +68,15 @@ def adapter_config(model: nn.Module, lora: LoraConfig, base_model: str, name: st
     }
 
 
-def save_adapter(model: nn.Module, out_dir: Path, lora: LoraConfig, base_model: str, name: str = "default") -> None:
+def save_adapter(model: nn.Module, out_dir: Path, lora: LoraConfig, base_model: str, name: str = "default",
+                 tensors: dict[str, torch.Tensor] | None = None) -> None:
     """Write the PEFT files into `out_dir` (created), each atomically (temp file + rename), and beside them the
-    record of the layers the base holds in 4 bits (`targets.RECORD_NAME`) when the model came from the loader."""
+    record of the layers the base holds in 4 bits (`targets.RECORD_NAME`) when the model came from the loader.
+
+    `tensors`: `adapter_state_dict(model, name)` already gathered into whole tensors (a sharded model's)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.to("cpu", copy=True).contiguous() for k, v in adapter_state_dict(model, name).items()}
+    tensors = adapter_state_dict(model, name) if tensors is None else tensors
+    tensors = {k: v.to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     _atomic(out_dir / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     record = layer_record(model)
     if record is not None:

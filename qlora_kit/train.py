@@ -22,14 +22,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from qlora_kit import runstate
-from qlora_kit.adapters import save_adapter
-from qlora_kit.batching import BatchIterator, eval_batches
+from qlora_kit.adapters import adapter_state_dict, save_adapter
+from qlora_kit.batching import FILLER, BatchIterator, eval_batches
 from qlora_kit.checkpoint import AtomicDir
 from qlora_kit.config import Recipe, dump_recipe
 from qlora_kit.data import IGNORE_INDEX, build_datasets, ensure_pad_token
+from qlora_kit.distributed import Dist
 from qlora_kit.errors import CheckpointError, QloraKitError
 from qlora_kit.loader import load_quantized, read_config
-from qlora_kit.lora import lora_parameters
+from qlora_kit.lora import lora_parameters, quant_state_parameters
 from qlora_kit.metrics import MetricsLog
 from qlora_kit.optim import make_optimizer, make_scheduler
 from qlora_kit.device import load_tokenizer, resolve_device, resolve_dtype
@@ -61,6 +62,8 @@ class TrainResult:
     eval_loss_after: float | None
     resumed_from: int | None
     interrupted: bool = False
+    main: bool = True
+    """Whether this process is rank 0 (the one that wrote the outputs)."""
 
 
 def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -76,23 +79,30 @@ def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tu
 
 def real_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Non-padding tokens: what tokens/s and `tokens_seen` count."""
+    if FILLER in batch:
+        return 0
     if "seq_ids" in batch:
         return int((batch["seq_ids"] >= 0).sum())
     return int(batch["attention_mask"].sum())
 
 
 @torch.no_grad()
-def evaluate(model, data, batch_size: int, pad_id: int, device, autocast, max_batches: int = 0) -> float:
-    """Mean token loss over the eval set (padded batches, dataset order); perplexity is its exp."""
+def evaluate(model, data, batch_size: int, pad_id: int, device, autocast, max_batches: int = 0,
+             dist: Dist | None = None) -> float:
+    """Mean token loss over the eval set (padded batches, dataset order); perplexity is its exp. With `dist`,
+    each rank takes every world-th batch and the sums are added over ranks."""
     was_training = model.training
     model.eval()
+    batches = list(eval_batches(data, batch_size, pad_id))[: max_batches or None]
+    indices = dist.shard_indices(len(batches)) if dist is not None else range(len(batches))
     total, count = 0.0, 0
-    for i, batch in enumerate(eval_batches(data, batch_size, pad_id)):
-        if max_batches and i >= max_batches:
-            break
+    for i in indices:
         with autocast():
-            loss, n = token_loss_sum(model, {k: v.to(device) for k, v in batch.items()})
-        total, count = total + loss.item(), count + n
+            loss, n = token_loss_sum(model, {k: v.to(device) for k, v in batches[0 if i is None else i].items()})
+        if i is not None:
+            total, count = total + loss.item(), count + n
+    if dist is not None:
+        total, count = dist.total(total, count)
     model.train(was_training)
     return total / max(count, 1)
 
@@ -123,21 +133,25 @@ class Trainer:
     """Holds the run's objects; `run()` is the loop. Built from a validated Recipe and nothing else."""
 
     def __init__(self, recipe: Recipe, progress: bool = True) -> None:
-        self.recipe, self.progress = recipe, progress
+        self.recipe = recipe
         self.out = Path(recipe.output_dir)
-        self.device = resolve_device()
+        self.dist = Dist(recipe.distributed, resolve_device())
+        self.progress = progress and self.dist.is_main
+        self.device = self.dist.device
         self.dtype = resolve_dtype(recipe.compute_dtype, self.device)
         read_config(Path(recipe.model), recipe.trust_remote_code)  # a broken config.json, named as such, first
         self.tokenizer = load_tokenizer(recipe.model, recipe.trust_remote_code)
         self.pad_id = ensure_pad_token(self.tokenizer)
         self.train_data, self.eval_data = build_datasets(recipe.dataset, self.tokenizer, recipe.max_seq_len, recipe.seed)
         packing_len = recipe.max_seq_len if recipe.packing else 0
-        self.batches = BatchIterator(self.train_data, recipe.batch_size, self.pad_id, recipe.seed, packing_len)
+        self.batches = BatchIterator(self.train_data, recipe.batch_size, self.pad_id, recipe.seed, packing_len,
+                                     self.dist.rank, self.dist.world)
         self.total_steps = recipe.max_steps or max(
             1, math.ceil(recipe.epochs * len(self.batches) / recipe.gradient_accumulation_steps)
         )
         torch.manual_seed(recipe.seed)
-        self.model = load_quantized(recipe.model, quant=recipe.quant, lora=recipe.lora, device=self.device,
+        load_device = "cpu" if recipe.distributed.cpu_offload else self.device  # offload: FSDP streams blocks in
+        self.model = load_quantized(recipe.model, quant=recipe.quant, lora=recipe.lora, device=load_device,
                                     dtype=self.dtype, trust_remote_code=recipe.trust_remote_code)
         if recipe.gradient_checkpointing and getattr(self.model, "supports_gradient_checkpointing", False):
             enable = getattr(self.model, "activation_checkpointing_enable", None)  # transformers >= 5 name
@@ -145,6 +159,9 @@ class Trainer:
                 enable({"use_reentrant": False})
             else:
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.dist.rank > 0:  # own dropout streams; the adapters were initialised alike on every rank
+            torch.manual_seed(recipe.seed * 1000 + self.dist.rank)
+        self.net = self.dist.wrap(self.model)  # what the training forward runs through (DDP's wrapper)
         self.params = lora_parameters(self.model)
         self.optimizer = make_optimizer(self.params.values(), recipe.optimizer, recipe.learning_rate,
                                         recipe.weight_decay, self.device)
@@ -160,21 +177,23 @@ class Trainer:
         if self.eval_data is None:
             return None
         return evaluate(self.model, self.eval_data, self.recipe.batch_size, self.pad_id, self.device,
-                        self.autocast, self.recipe.max_eval_batches)
+                        self.autocast, self.recipe.max_eval_batches, self.dist)
 
     def _step(self, batch_iter) -> tuple[float, float, int] | None:
         """One optimizer step; returns (loss, grad norm, real tokens), or None if a non-finite step was skipped."""
         micro = [next(batch_iter) for _ in range(self.recipe.gradient_accumulation_steps)]
-        n_target = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+        local_target = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+        (n_target,) = self.dist.total(local_target)  # the loss is over every rank's tokens: exact, not a mean
         total = 0.0
-        for batch in micro:
-            with self.autocast():
-                loss, _ = token_loss_sum(self.model, {k: v.to(self.device) for k, v in batch.items()})
-            (loss / max(n_target, 1)).backward()
+        for i, batch in enumerate(micro):
+            with self.dist.micro_batch(self.net, last=i == len(micro) - 1), self.autocast():
+                loss, _ = token_loss_sum(self.net, {k: v.to(self.device) for k, v in batch.items()})
+            (loss * self.dist.grad_scale / max(n_target, 1)).backward()
             total += loss.item()
+        (total,) = self.dist.total(total)
         params = list(self.params.values())
         max_norm = self.recipe.max_grad_norm or float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = self.dist.grad_norm(params, max_norm)
         step = self.counters.step + 1
         if not (math.isfinite(total) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
@@ -190,7 +209,8 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total / max(n_target, 1), grad_norm, sum(real_tokens(b) for b in micro)
+        (tokens,) = self.dist.total(sum(real_tokens(b) for b in micro))
+        return total / max(n_target, 1), grad_norm, int(tokens)
 
     def _save(self) -> None:
         runstate.save_checkpoint(self, self.recipe.save_total_limit)
@@ -201,13 +221,17 @@ class Trainer:
         except OSError as e:
             raise CheckpointError(f"{self.out}: cannot create the output directory ({e.strerror}); "
                                   "set output_dir to a writable place") from None
-        dump_recipe(self.recipe, self.out / "recipe.yaml")
+        main = self.dist.is_main
+        if main:
+            dump_recipe(self.recipe, self.out / "recipe.yaml")
+        self._announce()
         resumed = runstate.resume(self)
-        if resumed is not None:
+        if resumed is not None and main:
             tqdm.write(f"resuming from step {resumed}", file=sys.stderr)
         # a fresh start keeps no records, not even the step-0 eval of a run killed before its first checkpoint
         upto = self.counters.step if resumed is not None else -1
-        metrics = MetricsLog(self.out, upto, tensorboard=self.recipe.tensorboard)
+        self.dist.barrier()  # every rank reads the log before rank 0 cuts it back
+        metrics = MetricsLog(self.out, upto, tensorboard=self.recipe.tensorboard and main, readonly=not main)
         before = self._eval() if resumed is None else metrics.first("eval_loss")
         if resumed is None and before is not None:
             metrics.write({"step": 0, "eval_loss": before, "eval_ppl": math.exp(before)})
@@ -216,7 +240,18 @@ class Trainer:
         if not interrupted:
             after = self._finish(metrics)
         metrics.close()
-        return TrainResult(self.out, self.counters.step, before, after, resumed, interrupted)
+        self.dist.close()
+        return TrainResult(self.out, self.counters.step, before, after, resumed, interrupted, self.dist.is_main)
+
+    def _announce(self) -> None:
+        """The run's first line when distributed: strategy, world size, and the 4-bit base each rank holds."""
+        if not self.dist.active:
+            return
+        held = self.dist.gather_objects(self.dist.local_bytes(quant_state_parameters(self.model).values()))
+        if self.dist.is_main:
+            tqdm.write(f"distributed: strategy {self.dist.strategy}, world size {self.dist.world}, 4-bit base bytes "
+                       f"per rank {held} (whole base {sum(held) if self.dist.strategy == 'fsdp' else held[0]})",
+                       file=sys.stderr)
 
     def _loop(self, metrics: MetricsLog) -> bool:
         r = self.recipe
@@ -242,7 +277,8 @@ class Trainer:
                         window = c.loss_window
                         rec = {"step": c.step, "loss": sum(window) / len(window), "lr": lr, "grad_norm": grad_norm,
                                "tokens_seen": c.tokens_seen, "elapsed_s": round(c.elapsed_s, 3),
-                               "tokens_per_s": round(c.tokens_seen / max(c.elapsed_s, 1e-9), 1)}
+                               "tokens_per_s": round(c.tokens_seen / max(c.elapsed_s, 1e-9), 1),
+                               "world_size": self.dist.world}
                         metrics.write(rec)
                         bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=rec["tokens_per_s"])
                         c.loss_window = []
@@ -250,13 +286,16 @@ class Trainer:
                     loss = self._eval()
                     if loss is not None:
                         metrics.write({"step": c.step, "eval_loss": loss, "eval_ppl": math.exp(loss)})
-                if (r.save_steps and c.step % r.save_steps == 0) or stop.requested:
+                stopping = self.dist.any(stop.requested)  # every rank stops at the same step
+                if (r.save_steps and c.step % r.save_steps == 0) or stopping:
                     metrics.flush()
                     self._save()
                 bar.update(1)
-                if stop.requested:
+                if stopping:
                     bar.close()
-                    tqdm.write(f"stopped at step {c.step}; run the same command again to resume", file=sys.stderr)
+                    if self.dist.is_main:
+                        tqdm.write(f"stopped at step {c.step}; run the same command again to resume",
+                                   file=sys.stderr)
                     return True
         bar.close()
         return False
@@ -270,9 +309,12 @@ class Trainer:
                 metrics.write({"step": step, "eval_loss": after, "eval_ppl": math.exp(after)})
         metrics.flush()
         self._save()
-        with AtomicDir(self.out / "adapter", overwrite=True) as tmp:  # never half an adapter, even on a full disk
-            save_adapter(self.model, tmp, self.recipe.lora, str(Path(self.recipe.model).resolve()))
-        metrics.plot(self.out / "loss.png")
+        tensors = self.dist.full_tensors(adapter_state_dict(self.model))
+        if self.dist.is_main:
+            with AtomicDir(self.out / "adapter", overwrite=True) as tmp:  # never half an adapter, even on a full disk
+                save_adapter(self.model, tmp, self.recipe.lora, str(Path(self.recipe.model).resolve()), tensors=tensors)
+            metrics.plot(self.out / "loss.png")
+        self.dist.barrier()
         return after
 
 
