@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,9 +85,11 @@ class AdapterFiles:
 
     @classmethod
     def of(cls, model: nn.Module, lora: LoraConfig, base_model: str, name: str = "default",
-           chat_template: str | None = None) -> AdapterFiles:
-        """Adapter `name` of `model`, copied to the CPU."""
-        tensors = {k: v.to("cpu", copy=True).contiguous() for k, v in adapter_state_dict(model, name).items()}
+           chat_template: str | None = None, tensors: dict[str, torch.Tensor] | None = None) -> AdapterFiles:
+        """Adapter `name` of `model`, copied to the CPU. `tensors`: `adapter_state_dict(model, name)` already
+        gathered into whole tensors (a sharded model's)."""
+        tensors = adapter_state_dict(model, name) if tensors is None else tensors
+        tensors = {k: v.to("cpu", copy=True).contiguous() for k, v in tensors.items()}
         return cls(tensors, adapter_config(model, lora, base_model, name), layer_record(model), chat_template)
 
     def write(self, out_dir: Path) -> None:
@@ -121,9 +123,11 @@ def save_adapter(model: nn.Module, out_dir: Path, lora: LoraConfig, base_model: 
     AdapterFiles.of(model, lora, base_model, name, chat_template).write(out_dir)
 
 
-def load_adapter_state(model: nn.Module, tensors: dict[str, torch.Tensor], name: str = "default") -> None:
+def load_adapter_state(model: nn.Module, tensors: dict[str, torch.Tensor], name: str = "default",
+                       copy: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> None:
     """Copy saved tensors (`adapter_state_dict`'s keys) into adapter `name` of `model`, which must have exactly
-    those layers with those shapes; a difference is an error naming it (a changed lora.target_modules or r)."""
+    those layers with those shapes; a difference is an error naming it (a changed lora.target_modules or r).
+    `copy(param, whole)`: how a whole tensor goes into a parameter that may be a shard (`Dist.load_into`)."""
     own = adapter_state_dict(model, name)
     if tensors.keys() != own.keys():
         raise CheckpointError(
@@ -136,7 +140,10 @@ def load_adapter_state(model: nn.Module, tensors: dict[str, torch.Tensor], name:
                                   f"adapter, {list(param.shape)} in this model (lora.r changed?)")
     with torch.no_grad():
         for key, param in own.items():
-            param.copy_(tensors[key])  # detached views share the parameters' storage
+            if copy is None:
+                param.copy_(tensors[key])  # detached views share the parameters' storage
+            else:
+                copy(param, tensors[key])
 
 
 def _few(keys) -> str:

@@ -112,8 +112,16 @@ def packed_attention_mask(seq_ids: torch.Tensor, dtype: torch.dtype | None = Non
     return torch.zeros(mask.shape, dtype=dtype, device=seq_ids.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
+FILLER = "filler"
+"""Key marking a batch that only keeps a rank in step with the others (`BatchIterator._share`); no real tokens."""
+
+
 class BatchIterator:
     """Endless collated batches, reshuffled each epoch from (seed, epoch), resumable from `state_dict()`.
+
+    With `world_size` > 1, each step's global batch of `batch_size × world_size` rows is drawn exactly as one
+    process would draw it, and rank r trains its r-th contiguous share: the same rows in the same steps whatever
+    the number of ranks, so the position in the data is one number for the whole job.
 
     The state is taken between batches: after a batch is yielded, `state_dict()` names the next one, so a run
     that saves it with its checkpoint and loads it on resume continues with exactly the batches it would have
@@ -127,10 +135,13 @@ class BatchIterator:
         pad_id: int,
         seed: int,
         packing_len: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if not data.examples:
             raise DataError(f"{data.source}: no examples to batch")
         self.batch_size, self.pad_id, self.seed = batch_size, pad_id, seed
+        self.rank, self.world_size = rank, world_size
         self.packed = packing_len > 0
         if self.packed:
             rows = pack(data.lengths, packing_len)
@@ -147,7 +158,7 @@ class BatchIterator:
 
     def __len__(self) -> int:
         """Batches per epoch (the last one may be smaller)."""
-        return math.ceil(len(self._units) / self.batch_size)
+        return math.ceil(len(self._units) / (self.batch_size * self.world_size))
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "size": len(self._units)}
@@ -169,11 +180,24 @@ class BatchIterator:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:
             order = self._epoch_order()
-            picked = [self._units[i] for i in order[self.position : self.position + self.batch_size]]
+            picked = [self._units[i] for i in order[self.position : self.position + self.batch_size * self.world_size]]
             self.position += len(picked)
             if self.position >= len(order):
                 self.epoch, self.position = self.epoch + 1, 0
-            yield collate_packed(picked, self.pad_id) if self.packed else collate(picked, self.pad_id)
+            mine, filler = self._share(picked)
+            batch = collate_packed(mine, self.pad_id) if self.packed else collate(mine, self.pad_id)
+            if filler:
+                batch["labels"].fill_(IGNORE_INDEX)
+                batch[FILLER] = torch.ones(())
+            yield batch
+
+    def _share(self, picked: list) -> tuple[list, bool]:
+        """This rank's contiguous share of one global batch, and whether it is filler: a rank left without rows
+        (the short last batch of an epoch) runs the first row with every label masked, so it joins the
+        collectives the other ranks make while adding nothing to the loss or the gradients."""
+        per = -(-len(picked) // self.world_size)
+        mine = picked[self.rank * per : (self.rank + 1) * per]
+        return (mine, False) if mine else (picked[:1], True)
 
 
 def eval_batches(data: TokenizedDataset, batch_size: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:

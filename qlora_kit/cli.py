@@ -46,6 +46,8 @@ def _train(args: argparse.Namespace) -> int:
     result = train(recipe, progress=not args.no_progress)
     if result.interrupted:
         return EXIT_INTERRUPTED
+    if not result.main:  # under torchrun only rank 0 reports
+        return 0
     before, after = result.eval_loss_before, result.eval_loss_after
     if before is not None and after is not None:
         print(f"eval loss {before:.4f} -> {after:.4f} (perplexity {math.exp(before):.2f} -> {math.exp(after):.2f})")

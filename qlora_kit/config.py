@@ -23,6 +23,7 @@ import yaml
 
 from qlora_kit.atomic import atomic_write
 from qlora_kit.device import DTYPES
+from qlora_kit.distributed import DistributedConfig
 from qlora_kit.errors import ConfigError
 from qlora_kit.lora import LoraConfig
 from qlora_kit.optim import OPTIMIZERS, SCHEDULERS
@@ -129,6 +130,9 @@ class Recipe:
     """On a nan/inf loss or gradient: "stop" the run, or "skip" that step and go on."""
     max_eval_batches: int = 0
     """Cap on batches per evaluation, to keep it cheap on large eval sets; 0 uses them all."""
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """How several processes (torchrun) share the run; batch_size is per process, so the global batch is
+    batch_size × gradient_accumulation_steps × world size."""
 
     def __post_init__(self) -> None:
         _require(bool(self.model), "model", "a checkpoint directory", self.model)

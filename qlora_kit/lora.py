@@ -1,7 +1,8 @@
 """The frozen 4-bit linear and the LoRA adapters on it.
 
-`QLinear` holds one `QuantizedWeight` and any number of named LoRA adapters (peft's module layout:
-`lora_A.<name>`, `lora_B.<name>`, `lora_dropout.<name>`), of which one is active. Its forward dequantizes the
+`QLinear` holds one 4-bit weight (as frozen parameters; `qweight` is its `QuantizedWeight`) and any number of
+named LoRA adapters (peft's module layout: `lora_A.<name>`, `lora_B.<name>`, `lora_dropout.<name>`), of which one
+is active. Its forward dequantizes the
 weight on the fly in the compute dtype through an autograd function that keeps only the 4-bit weight for
 backward: the dequantized matrix is rebuilt in backward instead of being saved, which is what makes QLoRA's
 memory figures possible. Merging is one function (`merge_delta_`, in place; `merge_delta` on a copy), used by the
@@ -128,15 +129,33 @@ class _Merged:
     names: list[str] = field(default_factory=list)
 
 
+QUANT_STATE = ("codes", "absmax", "nested_absmax", "nested_code", "offset")
+"""QLinear's frozen parameters holding the 4-bit weight. Every one has an integer dtype (fp32 scales are kept as
+their int32 bit patterns), so `model.to(dtype)` and `.half()` never touch codes or scales while device moves and
+FSDP2's sharding treat them like any parameter."""
+
+
+def _to_bits(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.contiguous().view(torch.int32)
+
+
+def _from_bits(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.view(torch.float32)
+
+
 class QLinear(nn.Module):
-    """A frozen 4-bit linear layer with named LoRA adapters (peft's attribute names, so its keys line up)."""
+    """A frozen 4-bit linear layer with named LoRA adapters (peft's attribute names, so its keys line up).
+
+    The 4-bit weight is module state: frozen parameters named in `QUANT_STATE` (so `.to()`, `state_dict` and
+    FSDP2's `fully_shard` see it as they see any parameter); `qweight` is the `QuantizedWeight` view of them.
+    `state_dict` writes and reads them in the bitsandbytes/HF layout under `weight`."""
 
     def __init__(
         self, qweight: QuantizedWeight, bias: torch.Tensor | None = None, compute_dtype: torch.dtype = torch.bfloat16
     ) -> None:
         super().__init__()
         self.out_features, self.in_features = qweight.shape
-        self.qweight = qweight
+        self.qweight = qweight  # registers the frozen quant-state parameters (see the setter)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
         self.compute_dtype = compute_dtype
         self.lora_A = nn.ModuleDict()
@@ -213,31 +232,54 @@ class QLinear(nn.Module):
         the 4-bit weight or the adapters, so forgetting the copy restores the unmerged layer exactly."""
         self.merged = None
 
-    def _apply(self, fn, recurse: bool = True):
-        # A device move moves the 4-bit tensors as they are; a dtype cast must never touch codes or scales.
-        super()._apply(fn, recurse)
-        device = fn(torch.empty(0, dtype=torch.uint8, device=self.qweight.device)).device
-        if device != self.qweight.device:
-            self.qweight = self.qweight.to(device)
-        return self
+    @property
+    def qweight(self) -> QuantizedWeight:
+        """The 4-bit weight, built from the module's own quant-state parameters at each call, so that what forward
+        and backward see is whatever those parameters are now (under FSDP2: the block's all-gathered tensors)."""
+        nested = self.nested_absmax is not None
+        return QuantizedWeight(
+            self.codes.view(-1), self.absmax if nested else _from_bits(self.absmax), self.weight_shape,
+            self.weight_dtype, self.blocksize, self.quant_type, _from_bits(self.nested_absmax),
+            _from_bits(self.nested_code), _from_bits(self.offset).reshape(()) if nested else None,
+        )
+
+    @qweight.setter
+    def qweight(self, qw: QuantizedWeight) -> None:
+        self.weight_shape, self.weight_dtype = torch.Size(qw.shape), qw.dtype
+        self.blocksize, self.quant_type = qw.blocksize, qw.quant_type
+        nested = qw.nested_absmax is not None
+        state = {
+            "codes": qw.packed.reshape(-1, 1),  # bitsandbytes' shape for the packed codes
+            "absmax": qw.absmax if nested else _to_bits(qw.absmax),
+            "nested_absmax": _to_bits(qw.nested_absmax),
+            "nested_code": _to_bits(qw.nested_code),
+            "offset": _to_bits(qw.offset.reshape(1)) if nested else None,
+        }
+        for name, tensor in state.items():
+            self.register_parameter(name, None if tensor is None else nn.Parameter(tensor, requires_grad=False))
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        # Only the names change: bitsandbytes' keys (`weight.absmax`, `weight.quant_state.…`) hold dots, which
+        # parameter names cannot.
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name in QUANT_STATE:
+            destination.pop(prefix + name, None)
         destination.update(self.qweight.state_dict(prefix + "weight"))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         keys = [k for k in state_dict if k == prefix + "weight" or k.startswith(prefix + "weight.")]
-        if keys:
+        if keys:  # the bitsandbytes layout in, whatever shape and quantization the layer held before
             self.qweight = QuantizedWeight.from_state_dict({k[len(prefix):]: state_dict[k] for k in keys})
             for k in keys:
                 state_dict.pop(k)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        if keys:  # loaded above under the bitsandbytes names
+            missing[:] = [k for k in missing if k.removeprefix(prefix) not in QUANT_STATE]
 
     def extra_repr(self) -> str:
-        q = self.qweight
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"quant={q.config}, "
+            f"quant={self.qweight.config}, "
             f"adapters={list(self.lora_A)}"
         )
 
@@ -280,4 +322,13 @@ def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
         f"{mod_name}.{n}": p
         for mod_name, mod in model.named_modules() if isinstance(mod, QLinear)
         for n, p in mod.named_parameters(recurse=True) if n.startswith(("lora_A.", "lora_B."))
+    }
+
+
+def quant_state_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The frozen tensors that hold every QLinear's 4-bit weight, by name: what "the 4-bit base" occupies."""
+    return {
+        f"{mod_name}.{n}": p
+        for mod_name, mod in model.named_modules() if isinstance(mod, QLinear)
+        for n, p in mod.named_parameters(recurse=False) if n in QUANT_STATE
     }

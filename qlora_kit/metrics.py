@@ -30,14 +30,19 @@ def read_metrics(out_dir: Path) -> list[dict]:
 
 
 class MetricsLog:
-    """Append-only JSONL log, truncated to `upto_step` when opened (the step the run resumes from)."""
+    """Append-only JSONL log, truncated to `upto_step` when opened (the step the run resumes from).
 
-    def __init__(self, out_dir: Path, upto_step: int, tensorboard: bool = False) -> None:
+    `readonly`: the records are read and kept in memory but no file is written (the ranks other than 0 of a
+    distributed run, which must see the same records as rank 0 to take the same decisions)."""
+
+    def __init__(self, out_dir: Path, upto_step: int, tensorboard: bool = False, readonly: bool = False) -> None:
         self.path = out_dir / NAME
         self.records = [r for r in read_metrics(out_dir) if r.get("step", 0) <= upto_step]
+        self._file = self._tb = None
+        if readonly:
+            return
         atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
         self._file = open(self.path, "a")
-        self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -45,6 +50,8 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         self.records.append(record)
+        if self._file is None:
+            return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._tb is not None:
@@ -56,13 +63,16 @@ class MetricsLog:
         return next((r[key] for r in self.records if key in r), None)
 
     def flush(self) -> None:
+        if self._file is None:
+            return
         self._file.flush()
         os.fsync(self._file.fileno())
         if self._tb is not None:
             self._tb.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
 

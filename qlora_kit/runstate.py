@@ -3,7 +3,9 @@
 The state itself is the trainer's (`Trainer.state_dict()` / `load_state_dict()`); this module only lays it out
 in a directory and reads it back: the adapter (PEFT files, `adapters.AdapterFiles`), the optimizer state
 (`torch.save`, read back with `weights_only=True`: no pickle code runs), scheduler, counters and data position
-(JSON), RNG state (safetensors). Each directory is built under a temp name and renamed when complete, so the
+(JSON), RNG state (safetensors; one stream per rank when distributed). A distributed run's state is whole
+(rank 0 gathers the adapter and optimizer state and alone calls `save_checkpoint`), so the directory does not
+depend on how the run was sharded. Each directory is built under a temp name and renamed when complete, so the
 newest `step-N` is always whole, whatever moment a kill came at.
 """
 
@@ -26,7 +28,7 @@ DIR = "checkpoints"
 STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.pt"
 RNG = "rng.safetensors"
-_JSON_KEYS = ("counters", "scheduler", "data", "total_steps")
+_JSON_KEYS = ("counters", "scheduler", "data", "total_steps", "world_size", "strategy")
 
 
 def complete_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
@@ -74,12 +76,15 @@ def _clean_partials(out_dir: Path) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def load_checkpoint(d: Path, device: torch.device) -> dict[str, Any]:
-    """The state dict `save_checkpoint` wrote into `d`, optimizer tensors on `device`."""
+def load_checkpoint(d: Path, device: torch.device, optimizer: bool = True) -> dict[str, Any]:
+    """The state dict `save_checkpoint` wrote into `d`, optimizer tensors on `device` (`optimizer=False`: left
+    out, for the ranks that receive their shard of it from rank 0)."""
     state = json.loads((d / STATE).read_text())
     state["adapter"] = AdapterFiles.read(d)
+    state["optimizer"] = {}
     try:
-        state["optimizer"] = torch.load(d / OPTIMIZER, map_location=device, weights_only=True)
+        if optimizer:
+            state["optimizer"] = torch.load(d / OPTIMIZER, map_location=device, weights_only=True)
     except Exception as e:  # corrupt, or holding more than tensors: weights_only refuses to run pickled code
         raise CheckpointError(
             f"{d / OPTIMIZER}: refused, not plain tensors ({type(e).__name__}: the file is corrupt or unsafe); "

@@ -24,14 +24,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from qlora_kit import runstate
-from qlora_kit.adapters import AdapterFiles, load_adapter_state
-from qlora_kit.batching import BatchIterator, eval_batches
+from qlora_kit.adapters import AdapterFiles, adapter_state_dict, load_adapter_state
 from qlora_kit.atomic import AtomicDir
+from qlora_kit.batching import FILLER, BatchIterator, eval_batches
 from qlora_kit.config import Recipe, dump_recipe
 from qlora_kit.data import IGNORE_INDEX, build_datasets, chat_template, ensure_pad_token
+from qlora_kit.distributed import Dist
 from qlora_kit.errors import CheckpointError, QloraKitError
 from qlora_kit.loader import load_quantized, read_config
-from qlora_kit.lora import lora_parameters
+from qlora_kit.lora import lora_parameters, quant_state_parameters
 from qlora_kit.metrics import MetricsLog
 from qlora_kit.optim import make_optimizer, make_scheduler
 from qlora_kit.device import load_tokenizer, resolve_device, resolve_dtype
@@ -63,6 +64,8 @@ class TrainResult:
     eval_loss_after: float | None
     resumed_from: int | None
     interrupted: bool = False
+    main: bool = True
+    """Whether this process is rank 0 (the one that wrote the outputs)."""
 
 
 def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -78,25 +81,44 @@ def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tu
 
 def real_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Non-padding tokens: what tokens/s and `tokens_seen` count."""
+    if FILLER in batch:
+        return 0
     if "seq_ids" in batch:
         return int((batch["seq_ids"] >= 0).sum())
     return int(batch["attention_mask"].sum())
 
 
 @torch.no_grad()
-def evaluate(model, data, batch_size: int, pad_id: int, device, autocast, max_batches: int = 0) -> float:
-    """Mean token loss over the eval set (padded batches, dataset order); perplexity is its exp."""
+def evaluate(model, data, batch_size: int, pad_id: int, device, autocast, max_batches: int = 0,
+             dist: Dist | None = None) -> float:
+    """Mean token loss over the eval set (padded batches, dataset order); perplexity is its exp. With `dist`,
+    each rank takes every world-th batch and the sums are added over ranks."""
     was_training = model.training
     model.eval()
+    batches = list(eval_batches(data, batch_size, pad_id))[: max_batches or None]
+    indices = dist.shard_indices(len(batches)) if dist is not None else range(len(batches))
     total, count = 0.0, 0
-    for i, batch in enumerate(eval_batches(data, batch_size, pad_id)):
-        if max_batches and i >= max_batches:
-            break
+    for i in indices:
         with autocast():
-            loss, n = token_loss_sum(model, {k: v.to(device) for k, v in batch.items()})
-        total, count = total + loss.item(), count + n
+            loss, n = token_loss_sum(model, {k: v.to(device) for k, v in batches[0 if i is None else i].items()})
+        if i is not None:
+            total, count = total + loss.item(), count + n
+    if dist is not None:
+        total, count = dist.total(total, count)
     model.train(was_training)
     return total / max(count, 1)
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["torch_cuda"] = torch.cuda.get_rng_state()
+    return rng
+
+
+def _rng_key(key: str, rank: int) -> str:
+    """Rank 0's RNG keeps the single-process names; rank r's gets a `.rank<r>` suffix."""
+    return key if rank == 0 else f"{key}.rank{rank}"
 
 
 class _StopFlag:
@@ -125,9 +147,11 @@ class Trainer:
     """Holds the run's objects; `run()` is the loop. Built from a validated Recipe and nothing else."""
 
     def __init__(self, recipe: Recipe, progress: bool = True) -> None:
-        self.recipe, self.progress = recipe, progress
+        self.recipe = recipe
         self.out = Path(recipe.output_dir)
-        self.device = resolve_device()
+        self.dist = Dist(recipe.distributed, resolve_device())
+        self.progress = progress and self.dist.is_main
+        self.device = self.dist.device
         self.dtype = resolve_dtype(recipe.compute_dtype, self.device)
         read_config(Path(recipe.model), recipe.trust_remote_code)  # a broken config.json, named as such, first
         self.tokenizer = load_tokenizer(recipe.model, recipe.trust_remote_code)
@@ -136,12 +160,14 @@ class Trainer:
         self.chat_template = chat_template(self.tokenizer) if recipe.dataset.format == "messages" else None
         self.train_data, self.eval_data = build_datasets(recipe.dataset, self.tokenizer, recipe.max_seq_len, recipe.seed)
         packing_len = recipe.max_seq_len if recipe.packing else 0
-        self.batches = BatchIterator(self.train_data, recipe.batch_size, self.pad_id, recipe.seed, packing_len)
+        self.batches = BatchIterator(self.train_data, recipe.batch_size, self.pad_id, recipe.seed, packing_len,
+                                     self.dist.rank, self.dist.world)
         self.total_steps = recipe.max_steps or max(
             1, math.ceil(recipe.epochs * len(self.batches) / recipe.gradient_accumulation_steps)
         )
         torch.manual_seed(recipe.seed)
-        self.model = load_quantized(recipe.model, quant=recipe.quant, lora=recipe.lora, device=self.device,
+        load_device = "cpu" if recipe.distributed.cpu_offload else self.device  # offload: FSDP streams blocks in
+        self.model = load_quantized(recipe.model, quant=recipe.quant, lora=recipe.lora, device=load_device,
                                     dtype=self.dtype, trust_remote_code=recipe.trust_remote_code)
         if recipe.gradient_checkpointing and getattr(self.model, "supports_gradient_checkpointing", False):
             enable = getattr(self.model, "activation_checkpointing_enable", None)  # transformers >= 5 name
@@ -149,6 +175,9 @@ class Trainer:
                 enable({"use_reentrant": False})
             else:
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.dist.rank > 0:  # own dropout streams; the adapters were initialised alike on every rank
+            torch.manual_seed(recipe.seed * 1000 + self.dist.rank)
+        self.net = self.dist.wrap(self.model)  # what the training forward runs through (DDP's wrapper)
         self.params = lora_parameters(self.model)
         self.optimizer = make_optimizer(self.params.values(), recipe.optimizer, recipe.learning_rate,
                                         recipe.weight_decay, self.device)
@@ -164,21 +193,23 @@ class Trainer:
         if self.eval_data is None:
             return None
         return evaluate(self.model, self.eval_data, self.recipe.batch_size, self.pad_id, self.device,
-                        self.autocast, self.recipe.max_eval_batches)
+                        self.autocast, self.recipe.max_eval_batches, self.dist)
 
     def _step(self, batch_iter) -> tuple[float, float, int] | None:
         """One optimizer step; returns (loss, grad norm, real tokens), or None if a non-finite step was skipped."""
         micro = [next(batch_iter) for _ in range(self.recipe.gradient_accumulation_steps)]
-        n_target = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+        local_target = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+        (n_target,) = self.dist.total(local_target)  # the loss is over every rank's tokens: exact, not a mean
         total = 0.0
-        for batch in micro:
-            with self.autocast():
-                loss, _ = token_loss_sum(self.model, {k: v.to(self.device) for k, v in batch.items()})
-            (loss / max(n_target, 1)).backward()
+        for i, batch in enumerate(micro):
+            with self.dist.micro_batch(self.net, last=i == len(micro) - 1), self.autocast():
+                loss, _ = token_loss_sum(self.net, {k: v.to(self.device) for k, v in batch.items()})
+            (loss * self.dist.grad_scale / max(n_target, 1)).backward()
             total += loss.item()
+        (total,) = self.dist.total(total)
         params = list(self.params.values())
         max_norm = self.recipe.max_grad_norm or float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = self.dist.grad_norm(params, max_norm)
         step = self.counters.step + 1
         if not (math.isfinite(total) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
@@ -194,43 +225,67 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total / max(n_target, 1), grad_norm, sum(real_tokens(b) for b in micro)
+        (tokens,) = self.dist.total(sum(real_tokens(b) for b in micro))
+        return total / max(n_target, 1), grad_norm, int(tokens)
 
     def _adapter_files(self) -> AdapterFiles:
+        """The adapter as saved, whole on every rank (a sharded model's tensors are gathered: all ranks call it)."""
+        tensors = self.dist.full_tensors(adapter_state_dict(self.model))
         return AdapterFiles.of(self.model, self.recipe.lora, str(Path(self.recipe.model).resolve()),
-                               chat_template=self.chat_template)
+                               chat_template=self.chat_template, tensors=tensors)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything that decides the next step (torchtune's recipe state): adapter, optimizer, schedule, data
-        position, counters, RNG. `runstate` lays it out on disk; only the trainer reads or changes it."""
-        rng = {"torch_cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["torch_cuda"] = torch.cuda.get_rng_state()
+        position, counters, RNG. `runstate` lays it out on disk; only the trainer reads or changes it.
+
+        Distributed, every rank must call it: the adapter and optimizer state are gathered whole (the same state
+        whatever the sharding), and each rank's RNG is kept under its own key."""
+        rngs = self.dist.gather_objects(_rng_state())
+        optimizer = (self.dist.optimizer_state(self.net, self.optimizer) if self.dist.active
+                     else self.optimizer.state_dict())
         return {
             "adapter": self._adapter_files(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "data": self.batches.state_dict(),
             "counters": asdict(self.counters),
             "total_steps": self.total_steps,
-            "rng": rng,
+            "world_size": self.dist.world,
+            "strategy": self.dist.strategy,
+            "rng": {_rng_key(k, rank): v for rank, rng in enumerate(rngs) for k, v in rng.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from `state_dict()`'s output; a run it does not fit (another length, adapter shape or set of
-        adapted layers) is refused with the difference named, before anything is changed."""
+        """Continue from `state_dict()`'s output; a run it does not fit (another length, world, adapter shape or
+        set of adapted layers) is refused with the difference named, before anything is changed. Distributed,
+        rank 0's optimizer state is enough: each rank receives its shard of it."""
         if state["total_steps"] != self.total_steps:
             raise CheckpointError(f"was saved by a run of {state['total_steps']} steps, this recipe runs "
                                   f"{self.total_steps}; use a new output_dir or restore the recipe")
+        self._check_world(state.get("world_size", 1), state.get("strategy", "none"))
         self._check_lora(state["adapter"].config)
-        load_adapter_state(self.model, state["adapter"].tensors)
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_adapter_state(self.model, state["adapter"].tensors, copy=self.dist.load_into)
+        if self.dist.active:
+            self.dist.load_optimizer_state(self.net, self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.batches.load_state_dict(state["data"])
         self.counters = Counters(**state["counters"])
-        torch.set_rng_state(state["rng"]["torch_cpu"])
-        if "torch_cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["rng"]["torch_cuda"])
+        rng, rank = state["rng"], self.dist.rank
+        torch.set_rng_state(rng[_rng_key("torch_cpu", rank)])
+        if _rng_key("torch_cuda", rank) in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng[_rng_key("torch_cuda", rank)])
+
+    def _check_world(self, saved: int, strategy: str) -> None:
+        """The per-rank RNG streams (and the data each rank drew) belong to the world that wrote them."""
+        same_kind = (strategy == "none") == (self.dist.strategy == "none")
+        if saved != self.dist.world or not same_kind:
+            launch = f"torchrun --nproc-per-node {saved}" if strategy != "none" else "a single process (no torchrun)"
+            raise CheckpointError(
+                f"was saved by a run on {saved} process(es) (strategy {strategy}), this one runs on "
+                f"{self.dist.world} (strategy {self.dist.strategy}); resume it with {launch}, or start a new output_dir"
+            )
 
     def _check_lora(self, saved: dict[str, Any]) -> None:
         lora = self.recipe.lora
@@ -242,7 +297,10 @@ class Trainer:
                                       "use a new output_dir or restore the recipe")
 
     def _save(self) -> None:
-        runstate.save_checkpoint(self.out, self.counters.step, self.state_dict(), self.recipe.save_total_limit)
+        state = self.state_dict()  # every rank joins the gathers
+        if self.dist.is_main:
+            runstate.save_checkpoint(self.out, self.counters.step, state, self.recipe.save_total_limit)
+        self.dist.barrier()  # the others wait until the directory is complete
 
     def _resume(self) -> int | None:
         """Load the newest complete checkpoint; None when starting fresh."""
@@ -250,7 +308,7 @@ class Trainer:
         if not found:
             return None
         step, d = found[-1]
-        state = runstate.load_checkpoint(d, self.device)
+        state = runstate.load_checkpoint(d, self.device, optimizer=self.dist.is_main)
         try:
             self.load_state_dict(state)
         except CheckpointError as e:
@@ -263,13 +321,17 @@ class Trainer:
         except OSError as e:
             raise CheckpointError(f"{self.out}: cannot create the output directory ({e.strerror}); "
                                   "set output_dir to a writable place") from None
-        dump_recipe(self.recipe, self.out / "recipe.yaml")
+        main = self.dist.is_main
+        if main:
+            dump_recipe(self.recipe, self.out / "recipe.yaml")
+        self._announce()
         resumed = self._resume()
-        if resumed is not None:
+        if resumed is not None and main:
             tqdm.write(f"resuming from step {resumed}", file=sys.stderr)
         # a fresh start keeps no records, not even the step-0 eval of a run killed before its first checkpoint
         upto = self.counters.step if resumed is not None else -1
-        metrics = MetricsLog(self.out, upto, tensorboard=self.recipe.tensorboard)
+        self.dist.barrier()  # every rank reads the log before rank 0 cuts it back
+        metrics = MetricsLog(self.out, upto, tensorboard=self.recipe.tensorboard and main, readonly=not main)
         before = self._eval() if resumed is None else metrics.first("eval_loss")
         if resumed is None and before is not None:
             metrics.write({"step": 0, "eval_loss": before, "eval_ppl": math.exp(before)})
@@ -278,7 +340,18 @@ class Trainer:
         if not interrupted:
             after = self._finish(metrics)
         metrics.close()
-        return TrainResult(self.out, self.counters.step, before, after, resumed, interrupted)
+        self.dist.close()
+        return TrainResult(self.out, self.counters.step, before, after, resumed, interrupted, self.dist.is_main)
+
+    def _announce(self) -> None:
+        """The run's first line when distributed: strategy, world size, and the 4-bit base each rank holds."""
+        if not self.dist.active:
+            return
+        held = self.dist.gather_objects(self.dist.local_bytes(quant_state_parameters(self.model).values()))
+        if self.dist.is_main:
+            tqdm.write(f"distributed: strategy {self.dist.strategy}, world size {self.dist.world}, 4-bit base bytes "
+                       f"per rank {held} (whole base {sum(held) if self.dist.strategy == 'fsdp' else held[0]})",
+                       file=sys.stderr)
 
     def _loop(self, metrics: MetricsLog) -> bool:
         r = self.recipe
@@ -304,7 +377,8 @@ class Trainer:
                         window = c.loss_window
                         rec = {"step": c.step, "loss": sum(window) / len(window), "lr": lr, "grad_norm": grad_norm,
                                "tokens_seen": c.tokens_seen, "elapsed_s": round(c.elapsed_s, 3),
-                               "tokens_per_s": round(c.tokens_seen / max(c.elapsed_s, 1e-9), 1)}
+                               "tokens_per_s": round(c.tokens_seen / max(c.elapsed_s, 1e-9), 1),
+                               "world_size": self.dist.world}
                         metrics.write(rec)
                         bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=rec["tokens_per_s"])
                         c.loss_window = []
@@ -312,13 +386,16 @@ class Trainer:
                     loss = self._eval()
                     if loss is not None:
                         metrics.write({"step": c.step, "eval_loss": loss, "eval_ppl": math.exp(loss)})
-                if (r.save_steps and c.step % r.save_steps == 0) or stop.requested:
+                stopping = self.dist.any(stop.requested)  # every rank stops at the same step
+                if (r.save_steps and c.step % r.save_steps == 0) or stopping:
                     metrics.flush()
                     self._save()
                 bar.update(1)
-                if stop.requested:
+                if stopping:
                     bar.close()
-                    tqdm.write(f"stopped at step {c.step}; run the same command again to resume", file=sys.stderr)
+                    if self.dist.is_main:
+                        tqdm.write(f"stopped at step {c.step}; run the same command again to resume",
+                                   file=sys.stderr)
                     return True
         bar.close()
         return False
@@ -332,9 +409,12 @@ class Trainer:
                 metrics.write({"step": step, "eval_loss": after, "eval_ppl": math.exp(after)})
         metrics.flush()
         self._save()
-        with AtomicDir(self.out / "adapter", overwrite=True) as tmp:  # never half an adapter, even on a full disk
-            self._adapter_files().write(tmp)
-        metrics.plot(self.out / "loss.png")
+        adapter = self._adapter_files()  # every rank joins the gather; rank 0 writes
+        if self.dist.is_main:
+            with AtomicDir(self.out / "adapter", overwrite=True) as tmp:  # never half an adapter, even on a full disk
+                adapter.write(tmp)
+            metrics.plot(self.out / "loss.png")
+        self.dist.barrier()
         return after
 
 

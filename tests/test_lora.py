@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from qlora_kit.errors import ConfigError
 from qlora_kit.loader import load_quantized
-from qlora_kit.lora import LoraConfig, QLinear, add_lora, lora_parameters, merge_delta
-from qlora_kit.quant import QuantizedWeight
+from qlora_kit.lora import QUANT_STATE, LoraConfig, QLinear, add_lora, lora_parameters, merge_delta
+from qlora_kit.quant import QuantConfig, QuantizedWeight
 
 from conftest import VOCAB
 
@@ -98,6 +98,35 @@ def test_backward_never_saves_the_dequantized_weight():
     expected = torch.ones(4, 256, dtype=torch.bfloat16) @ layer.qweight.dequantize()
     lora_part = (torch.ones(4, 256) @ layer.lora_B["default"].weight @ layer.lora_A["default"].weight) * 2
     torch.testing.assert_close(x.grad.float(), expected.float() + lora_part, atol=0.1, rtol=0.02)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_the_4bit_weight_is_frozen_module_state_that_casts_never_touch(double_quant):
+    torch.manual_seed(0)
+    qw = QuantizedWeight.quantize(torch.randn(48, 80, dtype=torch.bfloat16), QuantConfig(double_quant=double_quant))
+    layer = QLinear(qw, torch.randn(48, dtype=torch.bfloat16))
+    layer.add_adapter("default", LoraConfig(r=4, alpha=8))
+    params = dict(layer.named_parameters())
+    state = {n: p for n, p in params.items() if n in QUANT_STATE}
+    assert set(state) == (set(QUANT_STATE) if double_quant else {"codes", "absmax"})
+    assert all(not p.requires_grad and not p.is_floating_point() for p in state.values())
+    x = torch.randn(3, 80, dtype=torch.bfloat16)
+    before, codes_ptr = layer(x), layer.codes.data_ptr()
+    layer.to(torch.float16).to(torch.float32).half().float()  # casts: adapters and bias change, the base never
+    assert layer.codes.data_ptr() == codes_ptr and layer.bias.dtype == torch.float32
+    assert torch.equal(layer.qweight.dequantize(), qw.dequantize())
+    assert torch.equal(layer.qweight.absmax_fp32(), qw.absmax_fp32())
+    torch.testing.assert_close(layer(x.float()).bfloat16(), before, atol=0.05, rtol=0.02)
+
+    sd = layer.state_dict()  # bitsandbytes' layout, as before the parameters existed
+    assert set(sd) >= {"weight", "weight.absmax", "weight.quant_map", f"weight.quant_state.bitsandbytes__nf4"}
+    assert not set(sd) & set(QUANT_STATE) and sd["weight"].shape == (48 * 80 // 2, 1)
+    other = QuantConfig("fp4", double_quant=not double_quant, blocksize=128)
+    fresh = QLinear(QuantizedWeight.quantize(torch.randn(48, 80), other), torch.zeros(48))
+    fresh.add_adapter("default", LoraConfig(r=4, alpha=8))
+    fresh.load_state_dict(sd)  # strict: every key lands, the old quantization is replaced
+    assert fresh.qweight.config == qw.config and torch.equal(fresh.qweight.dequantize(), qw.dequantize())
+    assert fresh.codes.requires_grad is False
 
 
 def test_dropout_only_in_training():

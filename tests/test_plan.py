@@ -23,7 +23,7 @@ from qlora_kit.cli import main
 from qlora_kit.config import load_recipe
 from qlora_kit.errors import ConfigError
 from qlora_kit.loader import load_quantized
-from qlora_kit.lora import LoraConfig, QLinear, lora_parameters
+from qlora_kit.lora import LoraConfig, QLinear, lora_parameters, quant_state_parameters
 from qlora_kit.optim import make_optimizer
 from qlora_kit.fit import plan_report, propose_fit
 from qlora_kit.plan import GiB, ModelShape, Settings, plan_memory, quantized_nbytes, read_model_config
@@ -60,7 +60,9 @@ def test_base_weights_equal_a_loaded_model_byte_for_byte(checkpoints, arch, quan
     model = load_quantized(checkpoints[arch], quant=quant)
     qlinears = [m for m in model.modules() if isinstance(m, QLinear)]
     quantized = sum(m.qweight.nbytes() for m in qlinears)
-    real = quantized + _bytes(model.parameters()) + _bytes(model.buffers())
+    quant_state = set(quant_state_parameters(model))
+    plain = [p for n, p in model.named_parameters() if n not in quant_state]
+    real = quantized + _bytes(plain) + _bytes(model.buffers())
 
     plan = plan_memory(read_model_config(checkpoints[arch]), quant=quant, device="cpu")
     assert plan.quantized_bytes == quantized
