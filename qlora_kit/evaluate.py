@@ -451,6 +451,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
         ax.set_title(f"{metric} ({'lower' if metric == 'loss' else 'higher'} is better)", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
+        if metric != "loss":
+            ax.set_ylim(0, max(1.0, *values) * 1.08)
     fig.suptitle(f"{report['rows']} held-out rows, {int(100 * report['bootstrap']['confidence'])}% bootstrap "
                  "intervals", fontsize=9)
     fig.tight_layout()
