@@ -31,6 +31,7 @@ from qlora_kit.adapters import adapted_modules, per_row_adapters, read_adapter_c
 from qlora_kit.batching import collate
 from qlora_kit.checkpoint import AtomicDir
 from qlora_kit.data import IGNORE_INDEX, Example, encode_row, ensure_pad_token, load_rows
+from qlora_kit.device import load_tokenizer
 from qlora_kit.errors import ConfigError, DataError
 from qlora_kit.generate import load_model
 from qlora_kit.lora import QLinear
@@ -73,13 +74,15 @@ def detect_format(path: Path) -> str:
     """alpaca / messages / text from the first row's keys (JSON and JSON Lines only; else pass --format)."""
     if path.suffix not in (".jsonl", ".json") or not path.is_file():
         raise DataError(f"{path}: cannot tell the format of this file; pass --format alpaca|messages|text")
-    with path.open(encoding="utf-8") as f:
-        first = next((line for line in f if line.strip()), "")
     try:
-        row = json.loads(first)
+        if path.suffix == ".json":
+            row = json.loads(path.read_text(encoding="utf-8"))
+        else:
+            with path.open(encoding="utf-8") as f:
+                row = json.loads(next((line for line in f if line.strip()), "{}"))
         row = row[0] if isinstance(row, list) and row else row
     except json.JSONDecodeError:
-        raise DataError(f"{path}, line 1: malformed JSON; or pass --format alpaca|messages|text") from None
+        raise DataError(f"{path}: the first row is malformed JSON; fix it, or pass --format") from None
     keys = set(row) if isinstance(row, dict) else set()
     for fmt, names in (("messages", {"messages", "conversations"}), ("alpaca", {"instruction"}), ("text", {"text"})):
         if names & keys:
@@ -240,12 +243,12 @@ class EvalConfig:
 def run_eval(cfg: EvalConfig, progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Load once, run every pass, return the report (see `write_report`)."""
     for path in cfg.adapters.values():
-        read_adapter_config(path)  # a wrong adapter path fails before the base loads
+        read_adapter_config(path)  # a wrong adapter path, a bad scorer or bad rows fail before the base loads
     scorer = scoring.load_scorer(cfg.scorer) if cfg.scorer else None
+    fmt = detect_format(cfg.data) if cfg.format == "auto" else cfg.format
+    rows = read_rows(cfg.data, fmt, load_tokenizer(cfg.model_dir))
     model, tokenizer = load_model(cfg.model_dir, cfg.adapters, device=cfg.device)
     pad_id = ensure_pad_token(tokenizer)
-    fmt = detect_format(cfg.data) if cfg.format == "auto" else cfg.format
-    rows = read_rows(cfg.data, fmt, tokenizer)
     names = [BASE, *cfg.adapters]
     runs = [ModelRun(n, cfg.adapters.get(n)) for n in names]
     dtype = next((m.compute_dtype for m in model.modules() if isinstance(m, QLinear)), torch.float32)
@@ -263,21 +266,26 @@ def run_eval(cfg: EvalConfig, progress: Callable[[str], None] = lambda s: None) 
     gen_rows = [r for r in rows if r.prompt_ids is not None] if cfg.max_new_tokens > 0 else []
     kw = dict(max_new_tokens=cfg.max_new_tokens, pad_id=pad_id, stop_ids=stop_token_ids(model, tokenizer),
               autocast=autocast)
+    mem_kind = None
     if gen_rows:
         progress(f"generation: {len(gen_rows)} rows x {len(names)} models, up to {cfg.max_new_tokens} tokens")
         _score(model, tokenizer, gen_rows, runs, cfg, scorer, kw)
         prompts = [r.prompt_ids for r in gen_rows[: cfg.latency_rows]]
         if prompts:
             progress(f"latency: {len(prompts)} prompts, each model alone, median of {cfg.latency_repeats}")
-            generate_ids(model, prompts, [None] * len(prompts), **{**kw, "max_new_tokens": 2})  # warm-up
-            for run in runs:
-                if model.device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(model.device)
-                run.speed = time_generation(model, prompts, _route([run.name])[0], cfg.latency_repeats, **kw)
-                run.speed["peak_mem_bytes"], mem_kind = peak_memory(model.device)
-    else:
-        mem_kind = None
-    return build_report(cfg, fmt, rows, gen_rows, runs, model.device, mem_kind if gen_rows else None)
+            mem_kind = _latency(model, runs, prompts, cfg.latency_repeats, kw)
+    return build_report(cfg, fmt, rows, gen_rows, runs, model.device, mem_kind)
+
+
+def _latency(model, runs: list[ModelRun], prompts: list[list[int]], repeats: int, kw: dict) -> str:
+    """Each model's speed and peak memory on the same prompts, after one warm-up (first-call costs excluded)."""
+    generate_ids(model, prompts, [None] * len(prompts), **{**kw, "max_new_tokens": 2})
+    for run in runs:
+        if model.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(model.device)
+        run.speed = time_generation(model, prompts, _route([run.name])[0], repeats, **kw)
+        run.speed["peak_mem_bytes"], kind = peak_memory(model.device)
+    return kind
 
 
 def _score(model, tokenizer, gen_rows, runs, cfg, scorer, kw) -> None:
