@@ -35,6 +35,7 @@ from qlora_kit.device import load_tokenizer
 from qlora_kit.errors import ConfigError, DataError
 from qlora_kit.generate import load_model
 from qlora_kit.lora import QLinear
+from qlora_kit.tables import markdown_table, pyplot, text_table
 
 BASE = "base"
 FORMATS = ("alpaca", "messages", "text")
@@ -399,17 +400,6 @@ def tables(report: dict[str, Any]) -> tuple[list[str], list[list[str]], list[str
     return head, body, diff_head, diff_body
 
 
-def _text_table(head: list[str], body: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
-    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
-    return "\n".join([line(head), "  ".join("-" * w for w in widths), *map(line, body)])
-
-
-def _md_table(head: list[str], body: list[list[str]]) -> str:
-    rows = [head, ["---"] + ["---:"] * (len(head) - 1), *body]
-    return "\n".join("| " + " | ".join(r) + " |" for r in rows)
-
-
 def _caption(report: dict[str, Any]) -> str:
     b = report["bootstrap"]
     lat = report["latency"]
@@ -423,27 +413,23 @@ def _caption(report: dict[str, Any]) -> str:
 
 def render_text(report: dict[str, Any]) -> str:
     head, body, dhead, dbody = tables(report)
-    parts = [_text_table(head, body)]
+    parts = [text_table(head, body)]
     if dbody:
-        parts.append(_text_table(dhead, dbody))
+        parts.append(text_table(dhead, dbody))
     return "\n\n".join(parts) + "\n" + _caption(report)
 
 
 def render_markdown(report: dict[str, Any]) -> str:
     head, body, dhead, dbody = tables(report)
-    parts = ["# Evaluation", _caption(report), _md_table(head, body)]
+    parts = ["# Evaluation", _caption(report), markdown_table(head, body)]
     if dbody:
-        parts += ["## Differences (b − a), with 95% paired bootstrap intervals", _md_table(dhead, dbody)]
+        parts += ["## Differences (b − a), with 95% paired bootstrap intervals", markdown_table(dhead, dbody)]
     return "\n\n".join(parts) + "\n"
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
     """One panel per quality metric, a bar per model with its bootstrap interval: who wins shows at a glance."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     panels = ["loss", *report["metrics"]]
     names = list(report["models"])
     colors = ["#9a9a9a"] + [plt.get_cmap("tab10")(i % 10) for i in range(len(names) - 1)]

@@ -25,6 +25,7 @@ from qlora_kit.adapters import read_adapter_config, read_adapter_weights
 from qlora_kit.checkpoint import AtomicDir
 from qlora_kit.errors import CheckpointError
 from qlora_kit.quant import QuantConfig
+from qlora_kit.tables import pyplot, text_table
 from qlora_kit.targets import read_record
 
 ENERGY = (0.9, 0.99)
@@ -132,7 +133,8 @@ def _top_singular_values(w: torch.Tensor, r: int) -> torch.Tensor:
 def _versus_base(f: Factors, u, sigma, v, w: torch.Tensor, gen: torch.Generator) -> dict[str, float]:
     """ΔW against W: relative size and the paper's §7.3 projections of W onto r-dimensional subspaces."""
     if tuple(w.shape) != (f.b.shape[0], f.a.shape[1]):
-        raise CheckpointError(f"base weight has shape {list(w.shape)}, the adapter's ΔW {[f.b.shape[0], f.a.shape[1]]}; "
+        want = [f.b.shape[0], f.a.shape[1]]
+        raise CheckpointError(f"base weight has shape {list(w.shape)}, the adapter's ΔW {want}; "
                               "is --base the model the adapter was trained on?")
     r = f.r
     delta_norm, w_norm = float(sigma.norm()), float(w.norm())
@@ -219,9 +221,7 @@ def _row(entry: dict[str, Any]) -> list[str]:
 def render_text(report: dict[str, Any]) -> str:
     head = ["layer", "r", "|dW|_F", "|dW|/|W|", "sigma_1", "eff rank", "r90%", "r99%", "amplif."]
     body = [_row(e) for e in report["layers"]]
-    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
-    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
-    parts = ["\n".join([line(head), "  ".join("-" * w for w in widths), *map(line, body)])]
+    parts = [text_table(head, body)]
     for comp in report["compare"]:
         lines = [f"subspace similarity phi vs {comp['adapter']} ({comp['layers']} shared layers; random subspaces "
                  "give max(i,j)/in_features):"]
@@ -232,18 +232,9 @@ def render_text(report: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_spectra(report: dict[str, Any], path: Path) -> None:
     """Singular values of ΔW per layer type, one line per layer coloured by depth: where the rank goes."""
-    plt = _plt()
+    plt = pyplot()
     kinds = list(dict.fromkeys(e["type"] for e in report["layers"]))
     cols = min(len(kinds), 4)
     rows = math.ceil(len(kinds) / cols)
@@ -268,7 +259,7 @@ def plot_spectra(report: dict[str, Any], path: Path) -> None:
 
 def plot_phi(comp: dict[str, Any], mine: str, path: Path) -> None:
     """φ(i, j) heatmaps per layer type, as in the LoRA paper's Figure 3 (i: inspected adapter, j: the other)."""
-    plt = _plt()
+    plt = pyplot()
     kinds = list(comp["types"])
     cols = min(len(kinds), 4)
     rows = math.ceil(len(kinds) / cols)

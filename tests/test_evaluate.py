@@ -19,9 +19,10 @@ from conftest import make_model, make_tokenizer, save_model
 
 WORDS = ["apple", "tree", "stone", "river", "house", "cloud", "bird", "fish", "rain", "salt", "wind", "gold"]
 # Task A (alpaca): a label per word; task B (ChatML messages): another label set, another split of the words.
-TASK_A = [{"instruction": "Classify the word.", "input": w, "output": "A" if i % 2 else "B"} for i, w in enumerate(WORDS)]
+TASK_A = [{"instruction": "Classify the word.", "input": w, "output": "AB"[i % 2]} for i, w in enumerate(WORDS)]
 TASK_B = [{"messages": [{"role": "user", "content": f"Group of {w}?"},
                         {"role": "assistant", "content": "x" if i < 6 else "y"}]} for i, w in enumerate(WORDS)]
+# max_seq_len is long enough that training truncates no row, so its eval loss and `eval`'s cover the same tokens
 RECIPE = """model: base
 dataset: {{path: {data}, format: {fmt}, eval_path: {data}}}
 output_dir: {out}

@@ -43,15 +43,16 @@ def test_ranks():
     sigma = torch.tensor([3.0, 2.0, 1.0])  # energies 9, 4, 1 of 14
     assert energy_rank(sigma, 0.9) == 2 and energy_rank(sigma, 0.99) == 3 and energy_rank(sigma, 9 / 14) == 1
     assert layer_type("model.layers.11.self_attn.q_proj") == ("self_attn.q_proj", 11)
-    assert layer_type("transformer.h.0.attn.c_attn") == ("attn.c_attn", 0) and layer_type("lm_head") == ("lm_head", None)
+    assert layer_type("transformer.h.0.attn.c_attn") == ("attn.c_attn", 0)
+    assert layer_type("lm_head") == ("lm_head", None)
 
 
 def test_phi_is_one_against_itself_and_random_for_unrelated_factors():
     a = _factors(8, 64, 8, seed=1).a
     torch.testing.assert_close(phi(right_singular(a), right_singular(a)), torch.ones(8, 8, dtype=a.dtype))
     d, r1, r2, draws = 256, 8, 16, 16
-    grids = torch.stack([phi(right_singular(_factors(4, d, r1, 2 * k).a), right_singular(_factors(4, d, r2, 2 * k + 1).a))
-                         for k in range(draws)]).mean(0)
+    pairs = [(_factors(4, d, r1, 2 * k).a, _factors(4, d, r2, 2 * k + 1).a) for k in range(draws)]
+    grids = torch.stack([phi(right_singular(a1), right_singular(a2)) for a1, a2 in pairs]).mean(0)
     i, j = torch.meshgrid(torch.arange(1, r1 + 1), torch.arange(1, r2 + 1), indexing="ij")
     expected = torch.maximum(i, j).double() / d  # E‖U_iᵀU_j‖² = ij/d for independent random subspaces
     assert (grids - expected).abs().max() < 0.3 * expected.min() + 0.01
