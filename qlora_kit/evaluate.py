@@ -239,6 +239,13 @@ class EvalConfig:
                 raise ConfigError(f"{name} must be at least 1, got {value}")
         if self.max_new_tokens < 0 or self.latency_rows < 0:
             raise ConfigError("--max-new-tokens and --latency-rows must not be negative")
+        if self.device:
+            try:
+                kind = torch.device(self.device).type
+            except RuntimeError:
+                raise ConfigError(f"--device {self.device!r}: not a device name (cpu, cuda, cuda:1, ...)") from None
+            if kind == "cuda" and not torch.cuda.is_available():
+                raise ConfigError(f"--device {self.device}: no CUDA device is available; leave --device out")
 
 
 def run_eval(cfg: EvalConfig, progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:

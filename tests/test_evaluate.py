@@ -146,7 +146,7 @@ def test_cli_prints_the_table(ws, capsys):
 
 
 @pytest.mark.parametrize("case", ["no-data", "adapter-named-base", "bad-spec", "no-assistant", "bad-scorer",
-                                  "no-adapter-dir"])
+                                  "no-adapter-dir", "bad-device"])
 def test_bad_input_is_one_line(ws, tmp_path, case, capsys):
     data = str(ws["root"] / "a.jsonl")
     if case == "no-assistant":
@@ -158,6 +158,7 @@ def test_bad_input_is_one_line(ws, tmp_path, case, capsys):
         "no-assistant": ["--data", data],
         "bad-scorer": ["--data", data, "--scorer", "no_such_module_xyz:f"],
         "no-adapter-dir": ["--data", data, "--adapter", f"ta={tmp_path / 'missing'}"],
+        "bad-device": ["--data", data, "--device", "tpu9"],
     }[case]
     assert main(["eval", str(ws["base"]), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
