@@ -351,7 +351,7 @@ def build_report(cfg, fmt, rows, gen_rows, runs, device, mem_kind) -> dict[str, 
         "reference_rows": len(gen_rows), "max_new_tokens": cfg.max_new_tokens, "device": str(device),
         "metrics": [m for m in samples[BASE] if m != "loss"], "peak_memory": mem_kind,
         "latency": {"prompts": min(cfg.latency_rows, len(gen_rows)), "repeats": cfg.latency_repeats,
-                    "forced_tokens": cfg.max_new_tokens} if gen_rows else None,
+                    "forced_tokens": cfg.max_new_tokens} if mem_kind else None,
         "bootstrap": {"rounds": cfg.bootstrap, "seed": cfg.seed, "confidence": scoring.CONFIDENCE, "paired": True},
         "models": models, "comparisons": comparisons,
         "_predictions": _predictions(rows, gen_rows, runs),
@@ -378,11 +378,10 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 
 def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return ""
+    if n < 1024:
+        return f"{n:.0f} B"
+    power = min(int(math.log(n, 1024)), 3)
+    return f"{n / 1024 ** power:.1f} {('KiB', 'MiB', 'GiB')[power - 1]}"
 
 
 def tables(report: dict[str, Any]) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:

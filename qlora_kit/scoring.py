@@ -90,7 +90,11 @@ def load_scorer(spec: str) -> tuple[str, Callable[[str, str, dict], float]]:
     takes_row = len(params) >= 3 or any(p.kind is p.VAR_POSITIONAL for p in params)
 
     def score(prediction: str, reference: str, row: dict) -> float:
-        value = fn(prediction, reference, row) if takes_row else fn(prediction, reference)
+        try:
+            value = fn(prediction, reference, row) if takes_row else fn(prediction, reference)
+        except Exception as e:  # the user's code: any failure is theirs to fix, named with its input
+            raise ConfigError(f"--scorer {spec!r} raised {type(e).__name__}: {e} (prediction {prediction!r}, "
+                              f"reference {reference!r})") from e
         if isinstance(value, (bool, np.bool_)):
             return float(value)
         if not isinstance(value, (int, float, np.number)) or not np.isfinite(value):
