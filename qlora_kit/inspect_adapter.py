@@ -118,47 +118,53 @@ def layer_type(name: str) -> tuple[str, int | None]:
 # ------------------------------------------------------------------------------------------------ the study
 
 
-def _random_orthonormal(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
+def _random_orthonormal(rows: int, cols: int, gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
     q, _ = torch.linalg.qr(torch.randn(rows, cols, dtype=torch.float64, generator=gen))
-    return q
+    return q.to(like)
 
 
 def _top_singular_values(w: torch.Tensor, r: int) -> torch.Tensor:
     """W's r largest singular values: exact for small layers, randomized (Halko et al.) with oversampling above."""
     if w.numel() <= _EXACT_SVD_MAX:
         return torch.linalg.svdvals(w)[:r]
-    return torch.svd_lowrank(w, q=min(r + 10, *w.shape), niter=6)[1][:r]
+    return torch.svd_lowrank(w, q=min(r + 10, *w.shape), niter=4)[1][:r]
 
 
 def _versus_base(f: Factors, u, sigma, v, w: torch.Tensor, gen: torch.Generator) -> dict[str, float]:
-    """ΔW against W: relative size and the paper's §7.3 projections of W onto r-dimensional subspaces."""
+    """ΔW against W: relative size and the paper's §7.3 projections of W onto r-dimensional subspaces.
+
+    Every product with W costs O(r·out·in), so it runs where W is (the GPU when there is one) in float32."""
     if tuple(w.shape) != (f.b.shape[0], f.a.shape[1]):
         want = [f.b.shape[0], f.a.shape[1]]
         raise CheckpointError(f"base weight has shape {list(w.shape)}, the adapter's ΔW {want}; "
                               "is --base the model the adapter was trained on?")
     r = f.r
     delta_norm, w_norm = float(sigma.norm()), float(w.norm())
-    proj = float((u.T @ w @ v).norm())
+    proj = float((u.to(w).T @ w @ v.to(w)).norm())
     top = _top_singular_values(w, r)
-    rand = float((_random_orthonormal(w.shape[0], r, gen).T @ w @ _random_orthonormal(w.shape[1], r, gen)).norm())
+    rand_u, rand_v = (_random_orthonormal(n, r, gen, w) for n in w.shape)
+    rand = float((rand_u.T @ w @ rand_v).norm())
     return {"w_norm": w_norm, "ratio": delta_norm / w_norm if w_norm else math.inf, "proj_delta": proj,
             "proj_top": float(top.norm()), "proj_random": rand,
             "amplification": delta_norm / proj if proj else math.inf}
 
 
 def _base_weights(base: Path, adapter_dir: Path, modules: list[str]):
-    """Yields (module, W) with W = dequant(quant(W)) in float64, quantized as the adapter's record says."""
+    """Yields (module, W) with W = dequant(quant(W)) in float32, quantized as the adapter's record says, one layer
+    at a time on the accelerator when there is one."""
+    from qlora_kit.device import resolve_device
     from qlora_kit.loader import load_quantized
     from qlora_kit.lora import QLinear
 
     record = read_record(adapter_dir)
-    model = load_quantized(base, quant=record.quant if record else QuantConfig(), dtype=torch.float32)
+    model = load_quantized(base, quant=record.quant if record else QuantConfig(), device=resolve_device(),
+                           dtype=torch.bfloat16)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QLinear)}
     for name in modules:
         if name not in layers:
             raise CheckpointError(f"{adapter_dir}: layer {name!r} is no quantized linear layer of {base} "
                                   "(is --base the model the adapter was trained on?)")
-        yield name, layers[name].qweight.dequantize(torch.float32).double()
+        yield name, layers[name].qweight.dequantize(torch.float32)
 
 
 def inspect_adapter(adapter_dir: Path, base: Path | None = None, compare: list[Path] = (), seed: int = 0) -> dict:

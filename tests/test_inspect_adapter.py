@@ -98,7 +98,7 @@ def test_a_peft_adapter_against_peft_and_the_dequantized_base(adapters):
         u, _, vh = torch.linalg.svd(delta)
         proj = (u[:, :4].T @ w @ vh[:4].T).norm()
         assert e["amplification"] == pytest.approx(float(delta.norm() / proj), rel=1e-4)
-        assert e["proj_top"] == pytest.approx(float(torch.linalg.svdvals(w)[:4].norm()), rel=1e-6)
+        assert e["proj_top"] == pytest.approx(float(torch.linalg.svdvals(w)[:4].norm()), rel=1e-5)
         assert e["proj_top"] >= e["proj_delta"] and e["proj_top"] >= e["proj_random"]
 
 
