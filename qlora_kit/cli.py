@@ -77,19 +77,49 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate(args: argparse.Namespace) -> int:
+def _adapter_specs(specs: list[str]) -> dict[str, Path]:
     from qlora_kit.errors import ConfigError
-    from qlora_kit.generate import read_prompt_file, run
 
     adapters = {}
-    for spec in args.adapter:
+    for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             raise ConfigError(f"--adapter {spec!r}: expected NAME=DIR")
         adapters[name] = Path(path)
+    return adapters
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from qlora_kit.generate import read_prompt_file, run
+
+    adapters = _adapter_specs(args.adapter)
     rows = read_prompt_file(Path(args.file)) if args.file else [{"prompt": args.prompt}]
     run(args.model_dir, adapters, rows, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_p=args.top_p)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from qlora_kit.evaluate import EvalConfig, render_text, run_eval, write_report
+    from qlora_kit.scoring import METRICS
+
+    cfg = EvalConfig(Path(args.model_dir), Path(args.data), _adapter_specs(args.adapter), args.format,
+                     args.max_new_tokens, tuple(args.metric or METRICS), args.scorer, args.batch_size, args.bootstrap,
+                     args.seed, args.latency_rows, device=args.device)
+    report = run_eval(cfg, progress=lambda line: print(line, file=sys.stderr))
+    print(render_text(report))
+    if args.out:
+        print(f"wrote {write_report(report, Path(args.out))}: eval.json, eval.md, eval.png, predictions.jsonl")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from qlora_kit.inspect_adapter import inspect_adapter, render_text, write_report
+
+    report = inspect_adapter(Path(args.adapter_dir), args.base and Path(args.base), [Path(p) for p in args.compare])
+    print(render_text(report))
+    if args.out:
+        print(f"wrote {args.out}: {', '.join(write_report(report, Path(args.out)))}")
     return 0
 
 
@@ -150,6 +180,29 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.set_defaults(func=_export)
+
+    v = sub.add_parser("eval", help="base and adapters side by side on held-out rows: quality, latency, cost")
+    v.add_argument("model_dir", help="base model directory (bf16 or bitsandbytes 4-bit)")
+    v.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="a PEFT adapter; repeatable")
+    v.add_argument("--data", required=True, help="held-out rows (JSONL) in a training format")
+    v.add_argument("--format", choices=("auto", "alpaca", "messages", "text"), default="auto")
+    v.add_argument("--max-new-tokens", type=int, default=64, help="greedy answer length (0: loss only)")
+    v.add_argument("--metric", action="append", choices=("exact", "contains", "f1"), help="default: all; repeatable")
+    v.add_argument("--scorer", metavar="MODULE:FUNCTION", help="your own score(prediction, reference[, row])")
+    v.add_argument("--batch-size", type=int, default=8, help="rows per batch (each row runs once per model)")
+    v.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap rounds")
+    v.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    v.add_argument("--latency-rows", type=int, default=4, help="prompts timed per model")
+    v.add_argument("--device", help="default: cuda when available")
+    v.add_argument("--out", help="write eval.json, eval.md, eval.png and predictions.jsonl here")
+    v.set_defaults(func=_eval)
+
+    n = sub.add_parser("inspect", help="what an adapter learned: ΔW spectra, effective rank, subspace similarity")
+    n.add_argument("adapter_dir", help="PEFT adapter directory")
+    n.add_argument("--base", help="base model directory: adds |ΔW|/|W| and the amplification factor")
+    n.add_argument("--compare", action="append", default=[], metavar="ADAPTER_DIR", help="repeatable")
+    n.add_argument("--out", help="write inspect.json, spectra.png and phi heatmaps here")
+    n.set_defaults(func=_inspect)
 
     p = sub.add_parser("plan", help="GPU memory of one training step, from the model config alone")
     p.add_argument("source", help="recipe YAML, HF model directory or config.json")
