@@ -77,18 +77,44 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from qlora_kit.errors import ConfigError
     from qlora_kit.generate import read_prompt_file, run
 
+    adapters = _adapter_specs(args.adapter)
+    rows = read_prompt_file(Path(args.file)) if args.file else [{"prompt": args.prompt}]
+    run(args.model_dir, adapters, rows, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_p=args.top_p)
+    return 0
+
+
+def _adapter_specs(specs: list[str]) -> dict[str, Path]:
+    from qlora_kit.errors import ConfigError
+
     adapters = {}
-    for spec in args.adapter:
+    for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             raise ConfigError(f"--adapter {spec!r}: expected NAME=DIR")
         adapters[name] = Path(path)
-    rows = read_prompt_file(Path(args.file)) if args.file else [{"prompt": args.prompt}]
-    run(args.model_dir, adapters, rows, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        top_p=args.top_p)
+    return adapters
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from qlora_kit.serve import serve
+
+    serve(args.model_dir, _adapter_specs(args.adapter), host=args.host, port=args.port, max_batch=args.max_batch,
+          max_adapters=args.max_adapters, trace=Path(args.trace) if args.trace else None, trace_text=args.trace_text,
+          api_key=args.api_key or os.environ.get("QLORA_KIT_API_KEY"), dtype=args.dtype, device=args.device)
+    return 0
+
+
+def _traces(args: argparse.Namespace) -> int:
+    from qlora_kit import traces
+
+    summaries = traces.summarise(traces.read_traces([Path(f) for f in args.files]))
+    print(traces.to_json(summaries) if args.json else traces.table(summaries))
+    png = Path(args.png) if args.png else Path(args.files[0]).with_suffix(".png")
+    traces.plot(summaries, png)
+    print(f"plot: {png}", file=sys.stderr)
     return 0
 
 
@@ -132,6 +158,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)
     g.set_defaults(func=_generate)
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible server: one 4-bit base, many adapters, batched")
+    s.add_argument("model_dir", help="HF checkpoint directory (bf16 or bitsandbytes 4-bit)")
+    s.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="a PEFT adapter; repeatable")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
+    s.add_argument("--max-adapters", type=int, default=8, help="adapters held at once; more are swapped in (LRU)")
+    s.add_argument("--trace", metavar="FILE.jsonl", help="append one JSON line per request")
+    s.add_argument("--trace-text", action="store_true", help="also write prompt and completion text to --trace")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $QLORA_KIT_API_KEY, if set)")
+    s.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16", help="compute dtype")
+    s.add_argument("--device", help="cuda, cpu, cuda:1, ... (default: cuda when there is one)")
+    s.set_defaults(func=_serve)
+
+    tr = sub.add_parser("traces", help="summarise serve traces per adapter: a table and a PNG")
+    tr.add_argument("files", nargs="+", metavar="FILE.jsonl")
+    tr.add_argument("--png", help="where the plot goes (default: the first file with .png)")
+    tr.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    tr.set_defaults(func=_traces)
 
     e = sub.add_parser("export", help="merge an adapter into its base and write a plain HF checkpoint")
     e.add_argument("adapter_dir", help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
