@@ -50,6 +50,8 @@ class Sampling:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False
+    """Go on past the end-of-sequence token (vLLM's extension; benchmarks use it for fixed-length outputs)."""
 
 
 @dataclass(frozen=True)
@@ -178,6 +180,7 @@ class Engine:
         self._wake = threading.Condition()
         self._draining: set[str] = set()  # unregistered, still decoding in a running row
         self._stopping = False
+        self.peak_batch = 0  # most sequences decoded in one step so far
         self._thread = threading.Thread(target=self._loop, name="qlora-kit-engine", daemon=True)
         self._check_cache()
 
@@ -360,6 +363,7 @@ class Engine:
         else:
             self._batch.add(row)
         self._running.append(seq)
+        self.peak_batch = max(self.peak_batch, len(self._running))
 
     @torch.no_grad()
     def _step(self) -> None:
@@ -408,7 +412,7 @@ class Engine:
         now = time.perf_counter()
         seq.first_token = seq.first_token or now
         seq.tokens.append(token)
-        if token in self.eos:
+        if token in self.eos and not seq.sampling.ignore_eos:
             return self._finish(seq, STOP, text=self._decode(seq.tokens[:-1]))
         text = self._decode(seq.tokens)
         reason = None

@@ -71,6 +71,7 @@ class _Generation(_Strict):
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    ignore_eos: bool = False  # vLLM's extension (clients send it in extra_body)
 
 
 class CompletionBody(_Generation):
@@ -247,7 +248,7 @@ class Server:
         for i, ids in enumerate(x for x in encoded for _ in range(body.n)):
             seed = None if body.seed is None else body.seed + i % body.n  # n choices: n streams, reproducible
             sampling = Sampling(max_tokens, 1.0 if body.temperature is None else body.temperature,
-                                1.0 if body.top_p is None else body.top_p, stop, seed)
+                                1.0 if body.top_p is None else body.top_p, stop, seed, body.ignore_eos)
             sink = lambda event, i=i: loop.call_soon_threadsafe(call.deliver, i, event)  # noqa: E731
             call.seqs.append(Sequence(ids, call.adapter, sampling, sink, submitted=call.started))
         try:
