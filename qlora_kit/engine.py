@@ -160,7 +160,8 @@ def drop_adapter(model: torch.nn.Module, name: str) -> None:
 
 
 class Engine:
-    """The decode loop of one model. `submit` queues a sequence; `load`/`unload` change the adapters held."""
+    """The decode loop of one model. `submit` queues a sequence; `register`/`unregister` change the adapters
+    requests may name. Adapter state changes on the engine thread only, under `_wake`'s lock."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 16, max_adapters: int = 8) -> None:
         if max_batch < 1 or max_adapters < 1:
@@ -171,7 +172,7 @@ class Engine:
         eos = model.generation_config.eos_token_id
         eos = tokenizer.eos_token_id if eos is None else eos  # the ids model.generate stops at: same texts
         self.eos = set(eos) if isinstance(eos, list) else {eos} - {None}
-        self.paths: dict[str, Path] = {}  # every adapter a request may name
+        self._paths: dict[str, Path] = {}  # every adapter a request may name
         self._held: OrderedDict[str, None] = OrderedDict((n, None) for n in adapter_names(model))  # LRU first
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
@@ -208,12 +209,13 @@ class Engine:
     def register(self, name: str, path: Path) -> Future:
         """Load adapter `name` from `path` (refused with the reason if it does not load) and make it nameable."""
         def run() -> bool:
-            if name in self.paths:
-                raise CheckpointError(f"an adapter named {name!r} is already loaded (from {self.paths[name]})")
-            if not self._make_room():
+            if name in self._paths:
+                raise CheckpointError(f"an adapter named {name!r} is already loaded (from {self._paths[name]})")
+            if name in self._draining or not self._make_room():  # wait for the old one's rows, or for a slot
                 return False
             self._load(name, path)
-            self.paths[name] = path
+            with self._wake:
+                self._paths[name] = path
             return True
 
         return self._command(run)
@@ -221,11 +223,12 @@ class Engine:
     def unregister(self, name: str) -> Future:
         """Forget adapter `name`: queued requests naming it fail; it is dropped once no running row uses it."""
         def run() -> bool:
-            if name in self.paths:
-                del self.paths[name]  # from now on a request naming it is refused
+            if name in self._paths:
+                with self._wake:
+                    del self._paths[name]  # from now on a request naming it is refused
                 self._draining.add(name)
             elif name not in self._draining:
-                raise CheckpointError(f"no adapter named {name!r}; loaded: {', '.join(self.paths) or 'none'}")
+                raise CheckpointError(f"no adapter named {name!r}; loaded: {', '.join(self._paths) or 'none'}")
             if any(s.adapter == name for s in self._running):
                 return False
             self._draining.discard(name)
@@ -235,6 +238,11 @@ class Engine:
             return True
 
         return self._command(run)
+
+    def adapters(self) -> dict[str, Path]:
+        """Every adapter a request may name, and where it is loaded from (a copy: safe from any thread)."""
+        with self._wake:
+            return dict(self._paths)
 
     def busy(self) -> int:
         """Sequences queued or running."""
@@ -290,45 +298,50 @@ class Engine:
         return done
 
     def _admit(self) -> None:
-        """Waiting sequences join in FIFO order while there is a row and their adapter can be held; a sequence
-        that must wait for an adapter slot holds back the ones behind it, so nobody starves."""
-        while self._waiting and len(self._running) < self.max_batch:
+        """Waiting sequences join in FIFO order while there is a row and their adapter can be held (a sequence
+        that must wait for an adapter slot holds back the ones behind it, so nobody starves); those admitted
+        together are prefilled together."""
+        joining: list[Sequence] = []
+        while self._waiting and len(self._running) + len(joining) < self.max_batch:
             seq = self._waiting[0]
             if seq.cancelled:
                 self._waiting.popleft()
                 self._finish(seq, CANCELLED)
                 continue
             try:
-                if not self._hold(seq.adapter):
-                    return
+                if not self._hold(seq.adapter, pinned={s.adapter for s in joining}):
+                    break
             except Exception as e:  # the adapter's files changed or vanished since it was registered
                 self._waiting.popleft()
                 self._emit(seq, Failed(f"adapter {seq.adapter!r} failed to load: {e}"))
                 continue
-            self._waiting.popleft()
-            try:
-                self._prefill(seq)
-            except Exception as e:
-                log.exception("prefill failed")
+            joining.append(self._waiting.popleft())
+        if not joining:
+            return
+        try:
+            self._prefill(joining)
+        except Exception as e:
+            log.exception("prefill failed")
+            for seq in joining:
                 self._emit(seq, Failed(f"internal error: {type(e).__name__}: {e}"))
 
-    def _hold(self, name: str | None) -> bool:
+    def _hold(self, name: str | None, pinned: set[str | None]) -> bool:
         """Make adapter `name` resident (most recently used); False while no slot can be freed for it."""
         if name is None:
             return True
-        if name not in self.paths:
+        if name not in self._paths:
             raise CheckpointError(f"adapter {name!r} was unloaded")
         if name in self._held:
             self._held.move_to_end(name)
             return True
-        if not self._make_room():
+        if not self._make_room(pinned):
             return False
-        self._load(name, self.paths[name])
+        self._load(name, self._paths[name])
         return True
 
-    def _make_room(self) -> bool:
-        """Evict least recently used adapters no running row uses until one more fits."""
-        in_use = {s.adapter for s in self._running}
+    def _make_room(self, pinned: set[str | None] = frozenset()) -> bool:
+        """Evict least recently used adapters no running (or `pinned`) row uses until one more fits."""
+        in_use = {s.adapter for s in self._running} | pinned
         while len(self._held) >= self.max_adapters:
             victim = next((n for n in self._held if n not in in_use), None)
             if victim is None:
@@ -347,22 +360,36 @@ class Engine:
         self._held[name] = None
 
     @torch.no_grad()
-    def _prefill(self, seq: Sequence) -> None:
-        seq.admitted = time.perf_counter()
-        if seq.sampling.seed is not None:
-            seq.generator = torch.Generator(self.model.device).manual_seed(seq.sampling.seed)
-        ids = torch.tensor([seq.prompt_ids], device=self.model.device)
-        mask = torch.ones_like(ids)
-        with per_row_adapters(self.model, [seq.adapter]):
-            out = self.model(input_ids=ids, attention_mask=mask, use_cache=True, **self._extra)
-        if self._accept(seq, self._sample(out.logits[:, -1], [seq])[0]):
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        """One forward over the joining prompts, left-padded (a prompt alone is exactly `model.generate`'s
+        prefill); each gets its first token and its cache becomes a row of the running batch."""
+        now, device = time.perf_counter(), self.model.device
+        width = max(len(s.prompt_ids) for s in seqs)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, seq in enumerate(seqs):
+            seq.admitted = now
+            if seq.sampling.seed is not None:
+                seq.generator = torch.Generator(device).manual_seed(seq.sampling.seed)
+            ids[i, width - len(seq.prompt_ids):] = torch.tensor(seq.prompt_ids)
+            mask[i, width - len(seq.prompt_ids):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as model.generate numbers left-padded prompts
+        with per_row_adapters(self.model, [s.adapter for s in seqs]):
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             **self._extra)
+        picks = self._sample(out.logits[:, -1], seqs)
+        keep = [i for i, (seq, token) in enumerate(zip(seqs, picks)) if not self._accept(seq, token)]
+        if not keep:
             return
-        row = _Batch(self._cache_of(out), mask)
+        rows = _Batch(self._cache_of(out), mask)
+        if len(keep) < len(seqs):
+            rows.keep(keep)
         if self._batch is None:
-            self._batch = row
+            self._batch = rows
         else:
-            self._batch.add(row)
-        self._running.append(seq)
+            self._batch.add(rows)
+        self._running += [seqs[i] for i in keep]
         self.peak_batch = max(self.peak_batch, len(self._running))
 
     @torch.no_grad()

@@ -189,9 +189,10 @@ class Server:
         """The adapter `model` names (None: the base), or 404 naming what is served."""
         if model in (self.base, self.root):
             return None
-        if model in self.engine.paths:
+        adapters = self.engine.adapters()
+        if model in adapters:
             return model
-        served = ", ".join([self.base, *self.engine.paths])
+        served = ", ".join([self.base, *adapters])
         raise ApiError(404, f"The model {model!r} does not exist; this server has: {served}", "model",
                        "model_not_found")
 
@@ -200,7 +201,7 @@ class Server:
         rows = [{"id": self.base, "object": "model", "created": created, "owned_by": "qlora-kit", "root": self.root,
                  "parent": None}]
         rows += [{"id": name, "object": "model", "created": created, "owned_by": "qlora-kit", "root": str(path),
-                  "parent": self.base} for name, path in self.engine.paths.items()]
+                  "parent": self.base} for name, path in self.engine.adapters().items()]
         return {"object": "list", "data": rows}
 
     async def complete(self, body: CompletionBody, request: Request) -> object:
@@ -266,13 +267,9 @@ class Server:
                 pass
         finally:
             watcher.cancel()
-        choices = [self.choice_of(call, i) for i in range(len(call.seqs))]
+            call.cancel()  # a no-op once all are done; frees the rows if this handler was cancelled
+        choices = [call.choice(i, done.text, done.reason, stream=False) for i, done in sorted(call.done.items())]
         return {**call.chunk(choices), "object": call.kind, "usage": call.usage()}
-
-    @staticmethod
-    def choice_of(call: _Call, i: int) -> dict:
-        done = call.done[i]
-        return call.choice(i, done.text, done.reason, stream=False)
 
     async def _stream(self, call: _Call, request: Request, usage: bool) -> AsyncIterator[str]:
         watcher = asyncio.create_task(call.watch_disconnect(request))
@@ -398,15 +395,16 @@ def build_app(server: Server, api_key: str | None = None) -> FastAPI:
         try:
             await asyncio.wrap_future(server.engine.register(body.lora_name, Path(body.lora_path)))
         except Exception as e:  # refused with the reason; the adapters already held keep serving
-            param = "lora_name" if body.lora_name in server.engine.paths else "lora_path"
+            param = "lora_name" if body.lora_name in server.engine.adapters() else "lora_path"
             raise ApiError(400, f"{param}: {e}", param) from None
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
     async def unload(body: UnloadBody):
-        if body.lora_name not in server.engine.paths:
+        loaded = server.engine.adapters()
+        if body.lora_name not in loaded:
             raise ApiError(404, f"lora_name: no adapter named {body.lora_name!r}; loaded: "
-                           f"{', '.join(server.engine.paths) or 'none'}", "lora_name", "model_not_found")
+                           f"{', '.join(loaded) or 'none'}", "lora_name", "model_not_found")
         await asyncio.wrap_future(server.engine.unregister(body.lora_name))
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 

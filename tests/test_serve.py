@@ -329,7 +329,7 @@ def test_engine_evicts_least_recently_used_adapters_and_reloads_them(workspace):
     engine = Engine(model, tok, max_adapters=1)
     for name, path in adapters.items():
         engine.register(name, path).result()
-    assert adapter_names(model) == ["b"] and set(engine.paths) == {"a", "b"}
+    assert adapter_names(model) == ["b"] and set(engine.adapters()) == {"a", "b"}
     ids = tok("hi")["input_ids"]
     expected = {n: generate(model, tok, [Request("hi", n, False)], max_new_tokens=5)[0] for n in ("b",)}
     engine.start()
