@@ -1,13 +1,13 @@
 """Continuous batching across adapters: one thread runs every forward pass of the server.
 
 Requests wait in a FIFO queue. Between decode steps the engine thread admits waiting requests up to
-`max_batch`: each is prefilled alone (its own KV cache, exactly the pass `qlora-kit generate` runs for one
-prompt) and joins the running batch at the next step; a sequence leaves the batch the step it finishes. The running
-sequences' caches are the rows of one left-padded `DynamicCache`, re-laid only when a sequence joins or leaves
-(TGI's concatenate/filter), so a decode step is one forward over every running row — each row with its own adapter
-through `per_row_adapters` — plus the cache append the model does anyway. Position ids and the attention mask make
-the padding invisible, so a greedy completion equals the one decoded alone, up to float rounding between batch
-shapes.
+`max_batch`; those admitted together are prefilled in one left-padded forward (a prompt admitted alone gets
+exactly the prefill `qlora-kit generate` runs for it) and join the running batch at the next step; a sequence
+leaves the batch the step it finishes. Each sequence has its own KV cache: the running ones are the rows of one
+left-padded `DynamicCache`, re-laid only when a sequence joins or leaves (TGI's concatenate/filter), so a decode step
+is one forward over every running row — each row with its own adapter through `per_row_adapters` — plus the cache
+append the model does anyway. Position ids and the attention mask make the padding invisible, so a greedy completion
+equals the one decoded alone, up to float rounding between batch shapes.
 
 Adapters are registered by name and path. At most `max_adapters` are held on the model; naming another loads it,
 evicting the least recently used one that no running sequence uses (it is reloaded from its path when named
@@ -38,6 +38,10 @@ from qlora_kit.lora import QLinear
 log = logging.getLogger(__name__)
 
 STOP, LENGTH, CANCELLED = "stop", "length", "cancelled"
+# Padded prompt tokens one prefill forward may hold (vLLM's max_num_batched_tokens, for the same reason): prompts
+# admitted at once are prefilled in groups this size, so their activations and the allocator's high-water mark stay
+# bounded (16 prompts of ~50 tokens in one forward raised the serving RSS by 100 MB); a longer prompt goes alone.
+PREFILL_TOKENS = 256
 REPLACEMENT = "\ufffd"  # what decode() shows for a token that ends inside a multi-byte character
 
 
@@ -300,7 +304,7 @@ class Engine:
     def _admit(self) -> None:
         """Waiting sequences join in FIFO order while there is a row and their adapter can be held (a sequence
         that must wait for an adapter slot holds back the ones behind it, so nobody starves); those admitted
-        together are prefilled together."""
+        together are prefilled together, up to PREFILL_TOKENS."""
         joining: list[Sequence] = []
         while self._waiting and len(self._running) + len(joining) < self.max_batch:
             seq = self._waiting[0]
@@ -308,6 +312,9 @@ class Engine:
                 self._waiting.popleft()
                 self._finish(seq, CANCELLED)
                 continue
+            width = max([len(seq.prompt_ids), *(len(s.prompt_ids) for s in joining)])
+            if joining and width * (len(joining) + 1) > PREFILL_TOKENS:
+                break  # the rest join after the next decode step
             try:
                 if not self._hold(seq.adapter, pinned={s.adapter for s in joining}):
                     break

@@ -119,10 +119,13 @@ def _post(url: str, body: bytes | dict, key: str | None = KEY) -> tuple[int, dic
         return status, text
 
 
-def _reference(server, prompt: str, adapter: str | None, chat: bool, tokens: int) -> str:
-    """What `qlora_kit.generate` (the `qlora-kit generate` command) answers for this one request alone."""
-    text, templated = render(server.tokenizer, {"prompt": prompt}) if chat else (prompt, False)
-    return generate(server.model, server.tokenizer, [Request(text, adapter, templated)], max_new_tokens=tokens)[0]
+def _requests(server, jobs) -> list[Request]:
+    """`qlora_kit.generate`'s requests for (prompt, adapter, chat endpoint) jobs, rendered as the server does."""
+    out = []
+    for prompt, adapter, chat in jobs:
+        text, templated = render(server.tokenizer, {"prompt": prompt}) if chat else (prompt, False)
+        out.append(Request(text, adapter, templated))
+    return out
 
 
 def test_models_lists_the_base_and_every_adapter(client, workspace):
@@ -132,10 +135,13 @@ def test_models_lists_the_base_and_every_adapter(client, workspace):
 
 
 def test_concurrent_mixed_adapter_requests_equal_generate_alone(server, client):
-    """Both endpoints, three adapters (base included), sent at once: they decode together (peak batch > 1) and
-    every greedy text equals generating that request alone (fp32 compute, see `Running`)."""
+    """Both endpoints, three adapters (base included), sent at once, more than --max-batch: they decode together
+    (peak batch > 1), late ones join a running batch, and every greedy text equals `qlora-kit generate`'s, both
+    for all of them in its one batched pass and for a request generated alone (fp32 compute, see `Running`)."""
     jobs = [(p, a, chat) for p in PROMPTS[:2] for a in ("a", "b", None) for chat in (False, True)]
-    expected = [_reference(server, p, a, chat, 8) for p, a, chat in jobs]
+    requests = _requests(server, jobs)
+    expected = generate(server.model, server.tokenizer, requests, max_new_tokens=8)
+    assert [generate(server.model, server.tokenizer, [r], max_new_tokens=8)[0] for r in requests[:3]] == expected[:3]
 
     def ask(job):
         prompt, adapter, chat = job
