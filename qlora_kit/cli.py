@@ -99,6 +99,26 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from qlora_kit.serve import serve
+
+    serve(args.model_dir, _adapter_specs(args.adapter), host=args.host, port=args.port, max_batch=args.max_batch,
+          max_adapters=args.max_adapters, trace=Path(args.trace) if args.trace else None, trace_text=args.trace_text,
+          api_key=args.api_key or os.environ.get("QLORA_KIT_API_KEY"), dtype=args.dtype, device=args.device)
+    return 0
+
+
+def _traces(args: argparse.Namespace) -> int:
+    from qlora_kit import traces
+
+    summaries = traces.summarise(traces.read_traces([Path(f) for f in args.files]))
+    print(traces.to_json(summaries) if args.json else traces.table(summaries))
+    png = Path(args.png) if args.png else Path(args.files[0]).with_suffix(".png")
+    traces.plot(summaries, png)
+    print(f"plot: {png}", file=sys.stderr)
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from qlora_kit.evaluate import EvalConfig, render_text, run_eval, write_report
     from qlora_kit.scoring import METRICS
@@ -163,6 +183,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)
     g.set_defaults(func=_generate)
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible server: one 4-bit base, many adapters, batched")
+    s.add_argument("model_dir", help="HF checkpoint directory (bf16 or bitsandbytes 4-bit)")
+    s.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="a PEFT adapter; repeatable")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
+    s.add_argument("--max-adapters", type=int, default=8, help="adapters held at once; more are swapped in (LRU)")
+    s.add_argument("--trace", metavar="FILE.jsonl", help="append one JSON line per request")
+    s.add_argument("--trace-text", action="store_true", help="also write prompt and completion text to --trace")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $QLORA_KIT_API_KEY, if set)")
+    s.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16", help="compute dtype")
+    s.add_argument("--device", help="cuda, cpu, cuda:1, ... (default: cuda when there is one)")
+    s.set_defaults(func=_serve)
+
+    tr = sub.add_parser("traces", help="summarise serve traces per adapter: a table and a PNG")
+    tr.add_argument("files", nargs="+", metavar="FILE.jsonl")
+    tr.add_argument("--png", help="where the plot goes (default: the first file with .png)")
+    tr.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    tr.set_defaults(func=_traces)
 
     e = sub.add_parser("export", help="merge an adapter into its base and write a plain HF checkpoint")
     e.add_argument("adapter_dir", help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
