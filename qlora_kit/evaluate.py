@@ -29,7 +29,7 @@ from transformers.generation.streamers import BaseStreamer
 from qlora_kit import scoring
 from qlora_kit.adapters import adapted_modules, per_row_adapters, read_adapter_config
 from qlora_kit.batching import collate
-from qlora_kit.checkpoint import AtomicDir
+from qlora_kit.atomic import AtomicDir
 from qlora_kit.data import IGNORE_INDEX, Example, encode_row, ensure_pad_token, load_rows
 from qlora_kit.device import load_tokenizer
 from qlora_kit.errors import ConfigError, DataError

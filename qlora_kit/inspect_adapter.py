@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from qlora_kit.adapters import read_adapter_config, read_adapter_weights
-from qlora_kit.checkpoint import AtomicDir
+from qlora_kit.atomic import AtomicDir
 from qlora_kit.errors import CheckpointError
 from qlora_kit.quant import QuantConfig
 from qlora_kit.tables import pyplot, text_table
