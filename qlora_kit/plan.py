@@ -14,6 +14,11 @@ A step (train.py) holds, besides the frozen weights, the fp32 LoRA masters and o
              gradients accumulate; the peak is at its start, at the top block, or at its end
   step       all gradients plus the optimizer's temporaries
 The planned peak is the frozen weights + adapters + optimizer states + the largest of those phases + overhead.
+
+Every term is a count of tensors times the bytes of one value: `FP32` for fp32 values (masters, gradients,
+states, upcasts), `_Step.itemsize` for the compute dtype, 1 for uint8/bool; the comment beside a term says
+which tensors it counts and who holds them. The settings come from a validated `Recipe`, so nothing here
+checks them again.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qlora_kit.config import Recipe
+from qlora_kit.config import DatasetConfig, Recipe
 from qlora_kit.errors import CheckpointError
 from qlora_kit.lora import LoraConfig
 from qlora_kit.quant import NESTED_BLOCKSIZE, QuantConfig
@@ -37,6 +42,11 @@ PAGED_MIN_NUMEL = 100_000
 MIN_8BIT_NUMEL = 4096
 """bitsandbytes keeps 32-bit states for tensors smaller than this even in its 8-bit optimizers."""
 STATE_BLOCKSIZE = 256
+"""Values per fp32 absmax in bitsandbytes' 8-bit optimizer states."""
+FP32 = 4
+"""Bytes of an fp32 value: LoRA masters, their gradients, 32-bit optimizer states, absmax, upcast activations."""
+CODE_MAP_BYTES = 256 * FP32
+"""One 8-bit optimizer code map: 256 fp32 levels (bitsandbytes keeps one per state, two states)."""
 
 
 @dataclass
@@ -83,7 +93,8 @@ def quantized_nbytes(numel: int, quant: QuantConfig) -> int:
     """Bytes of one 4-bit weight in the bitsandbytes layout, as `QuantizedWeight.nbytes` counts them: packed codes,
     per-block absmax (fp32, or uint8 plus one fp32 per 256 blocks with double quant); shared code tables excluded."""
     blocks = -(-numel // quant.blocksize)
-    scales = blocks + 4 * -(-blocks // NESTED_BLOCKSIZE) if quant.double_quant else 4 * blocks
+    # double quant: one uint8 code per block plus an fp32 absmax per NESTED_BLOCKSIZE blocks; else fp32 per block
+    scales = blocks + FP32 * -(-blocks // NESTED_BLOCKSIZE) if quant.double_quant else FP32 * blocks
     return -(-numel // 2) + scales
 
 
@@ -100,15 +111,15 @@ def optimizer_state_bytes(numels: list[int], optimizer: str, device: str) -> tup
     eight_bit = optimizer.endswith("_8bit")
     total = evictable = 0
     for n in numels:
-        if eight_bit and n >= MIN_8BIT_NUMEL:
-            states, scales = 2 * n, 2 * 4 * -(-n // STATE_BLOCKSIZE)
-        else:
-            states, scales = 2 * 4 * n, 0
+        if eight_bit and n >= MIN_8BIT_NUMEL:  # two uint8 states, each with an fp32 absmax per STATE_BLOCKSIZE
+            states, scales = 2 * n, 2 * FP32 * -(-n // STATE_BLOCKSIZE)
+        else:  # two fp32 states (exp_avg, exp_avg_sq)
+            states, scales = 2 * FP32 * n, 0
         total += states + scales
         if paged and n >= PAGED_MIN_NUMEL:
             evictable += states  # only state1/state2 are paged; the absmax vectors are ordinary allocations
     if eight_bit:
-        total += 2 * 256 * 4  # the two 8-bit code maps
+        total += 2 * CODE_MAP_BYTES
     return total, evictable
 
 
@@ -118,13 +129,13 @@ def _step_temporaries(numels: list[int], optimizer: str, device: str) -> int:
     if not numels:
         return 0
     if device == "cuda":
-        return 4 * sum(numels) if optimizer == "adamw" else 0
+        return FP32 * sum(numels) if optimizer == "adamw" else 0  # foreach: one fp32 sqrt(v) over all tensors
     n = max(numels)
     if optimizer == "adamw":
-        return 8 * n  # sqrt(v), then sqrt(v)/c as a new tensor
+        return 2 * FP32 * n  # sqrt(v), then sqrt(v)/c as a new tensor
     if optimizer.endswith("_8bit"):
-        return 16 * n  # both states dequantized to fp32, the scaled gradient, the denominator
-    return 12 * n  # scaled gradient, sqrt(v), sqrt(v) + eps, the update
+        return 4 * FP32 * n  # both states dequantized to fp32, the scaled gradient, the denominator
+    return 3 * FP32 * n  # at most three at once of: scaled gradient, sqrt(v) (+ eps in place), the update
 
 
 # --- activations -------------------------------------------------------------------------------------------
@@ -132,20 +143,30 @@ def _step_temporaries(numels: list[int], optimizer: str, device: str) -> int:
 
 @dataclass(frozen=True)
 class _Step:
-    """The sizes one step's tensors are made of: T tokens, T1 = b(s-1) loss positions, c bytes per activation."""
+    """The sizes one step's tensors are made of."""
 
-    b: int
-    s: int
-    c: int
-    T: int
-    T1: int
+    batch: int
+    seq: int
+    itemsize: int
+    """Bytes of one activation value in the compute dtype (2 for bf16/fp16, 4 for fp32)."""
+    tokens: int
+    """batch * seq: positions every activation has."""
+    positions: int
+    """batch * (seq - 1): positions the loss is computed at (the last token predicts nothing)."""
     mask_bytes: int
     """A dropout mask per element: bool on CUDA (native_dropout), the input's fp32 on CPU (input * noise)."""
 
+    @property
+    def narrow(self) -> bool:
+        """A compute dtype narrower than fp32: autocast keeps compute-dtype copies, and fp32 upcasts are new
+        tensors rather than the activations themselves."""
+        return self.itemsize < FP32
+
     @classmethod
     def of(cls, st: Settings) -> _Step:
-        b, s = st.batch_size, st.seq_len
-        return cls(b, s, ITEMSIZE[st.compute_dtype], b * s, b * (s - 1), 1 if st.device == "cuda" else 4)
+        batch, seq = st.batch_size, st.seq_len
+        return cls(batch, seq, ITEMSIZE[st.compute_dtype], batch * seq, batch * (seq - 1),
+                   1 if st.device == "cuda" else FP32)
 
 
 def _needs_grad(lin: LinearShape, st: Settings) -> bool:
@@ -158,12 +179,12 @@ def _adapter_saved(lin: LinearShape, st: Settings, k: _Step, own_input: bool = T
     """What one LoRA adapter saves: its input cast to the compute dtype (for A's gradient), A's output (for B's),
     the autocast copies of B and A (for the input gradients) and the dropout mask. Only in fp32 without dropout
     is the saved input the layer's input itself, one tensor for all projections reading it (`own_input`)."""
-    r, c, grad = st.lora.r, k.c, _needs_grad(lin, st)
-    saved = (c * k.T * lin.in_features if own_input else 0) + c * k.T * r
-    if c < 4:
-        saved += c * r * lin.out_features + (c * r * lin.in_features if grad else 0)
+    r, size, grad = st.lora.r, k.itemsize, _needs_grad(lin, st)
+    saved = (size * k.tokens * lin.in_features if own_input else 0) + size * k.tokens * r
+    if k.narrow:
+        saved += size * r * lin.out_features + (size * r * lin.in_features if grad else 0)
     if st.lora.dropout > 0 and grad:
-        saved += k.mask_bytes * k.T * lin.in_features
+        saved += k.mask_bytes * k.tokens * lin.in_features
     return saved
 
 
@@ -171,21 +192,22 @@ def _attention_saved(shape: ModelShape, st: Settings, k: _Step) -> int:
     """q, k and v (k/v repeated to every head, as transformers does whenever a padding mask is present), then
     eager: the fp32 softmax and its compute-dtype copy, b*heads*s^2 each; sdpa: the output, the fp32 logsumexp
     and the padding mask converted to the compute dtype (b*s^2), nothing of size heads*s^2."""
-    qkv = 3 * k.c * k.T * shape.heads * shape.head_dim
+    per_head = k.itemsize * k.tokens * shape.heads * shape.head_dim  # one of q, k, v or the output
     if st.attn_implementation == "eager":
-        scores = k.b * shape.heads * k.s * k.s
-        return qkv + 4 * scores + (k.c * scores if k.c < 4 else 0)
-    return qkv + k.c * k.T * shape.heads * shape.head_dim + 4 * k.b * shape.heads * k.s + k.c * k.b * k.s * k.s
+        scores = k.batch * shape.heads * k.seq * k.seq
+        return 3 * per_head + FP32 * scores + (k.itemsize * scores if k.narrow else 0)
+    logsumexp = FP32 * k.batch * shape.heads * k.seq
+    return 3 * per_head + per_head + logsumexp + k.itemsize * k.batch * k.seq * k.seq
 
 
 def _norm_saved(shape: ModelShape, k: _Step) -> int:
     """An RMSNorm saves its input upcast to fp32 and the fp32 reciprocal RMS per token."""
-    return 4 * k.T * shape.hidden + 4 * k.T
+    return FP32 * k.tokens * shape.hidden + FP32 * k.tokens
 
 
 def _adapters_saved(group: list[LinearShape], st: Settings, k: _Step) -> int:
     """The adapters of one half-block; all its linears but the last (the output projection) read one input."""
-    shared = k.c == 4 and not st.lora.dropout
+    shared = not k.narrow and not st.lora.dropout
     total, input_counted = 0, False
     for i, lin in enumerate(group):
         if st.lora.targets(lin.name):
@@ -207,7 +229,7 @@ def _block_halves(shape: ModelShape, st: Settings, block: int) -> tuple[int, int
                 for half in (True, False)}
     attention = norms_attn * _norm_saved(shape, k) + adapters[True] + _attention_saved(shape, st, k)
     mlp = norms_mlp * _norm_saved(shape, k) + adapters[False] + \
-        (3 if shape.gated_mlp else 1) * k.c * k.T * shape.intermediate
+        (3 if shape.gated_mlp else 1) * k.itemsize * k.tokens * shape.intermediate
     return attention, mlp
 
 
@@ -220,13 +242,14 @@ def _linear_work(lin: LinearShape, st: Settings, k: _Step) -> int:
     """Transient bytes around one linear, beyond what it saves. The frozen path holds the dequantized weight
     (and, with double quant, two fp32 absmax vectors) next to its input and output; the adapter path holds the
     fp32 copy of the input and the dropout output (forward) or their fp32 gradients (backward)."""
-    c, n = k.c, lin.in_features * lin.out_features
-    absmax = 2 * 4 * -(-n // st.quant.blocksize) if st.quant.double_quant else 0
-    io = c * k.T * (lin.in_features + lin.out_features)
-    frozen = c * n + absmax + io
+    size, n = k.itemsize, lin.in_features * lin.out_features
+    absmax = 2 * FP32 * -(-n // st.quant.blocksize) if st.quant.double_quant else 0  # the nested stage undone
+    io = size * k.tokens * (lin.in_features + lin.out_features)
+    frozen = size * n + absmax + io
     if not st.lora.targets(lin.name):
         return frozen
-    fp32_copies = (4 * k.T * lin.in_features if c < 4 else 0) + (4 * k.T * lin.in_features if st.lora.dropout else 0)
+    fp32_input = FP32 * k.tokens * lin.in_features
+    fp32_copies = (fp32_input if k.narrow else 0) + (fp32_input if st.lora.dropout else 0)
     return max(frozen, io + fp32_copies)
 
 
@@ -235,8 +258,10 @@ def _attention_work(shape: ModelShape, st: Settings, k: _Step) -> int:
     softmax's output gradient, while the compute-dtype probabilities are already freed; sdpa: the gradients of
     q, k, v and the output."""
     if st.attn_implementation == "eager":
-        return (8 - (k.c if k.c < 4 else 0)) * k.b * shape.heads * k.s * k.s
-    return 4 * k.c * k.T * shape.heads * shape.head_dim
+        scores = k.batch * shape.heads * k.seq * k.seq
+        freed_probabilities = k.itemsize * scores if k.narrow else 0  # in fp32 there is no separate copy
+        return FP32 * scores + FP32 * scores - freed_probabilities  # the scores' and the softmax output's gradients
+    return 4 * k.itemsize * k.tokens * shape.heads * shape.head_dim  # gradients of q, k, v and the output
 
 
 def block_peak_bytes(shape: ModelShape, st: Settings, block: int) -> int:
@@ -249,7 +274,8 @@ def block_peak_bytes(shape: ModelShape, st: Settings, block: int) -> int:
     linears = shape.by_block.get(block, ())
     work = {half: max([_linear_work(lin, st, k) for lin in linears if lin.in_attention == half], default=0)
             for half in (True, False)}
-    stream = (4 if k.c < 4 else 2) * k.c * k.T * shape.hidden  # in fp32 the norms save two of them themselves
+    # in fp32 the norms save two of the four themselves (counted in their saved bytes)
+    stream = (4 if k.narrow else 2) * k.itemsize * k.tokens * shape.hidden
     return max(attention + mlp + work[False], attention + max(work[True], _attention_work(shape, st, k))) + stream
 
 
@@ -259,29 +285,31 @@ def logits_bytes(shape: ModelShape, st: Settings) -> tuple[int, int]:
     its incoming gradient and its output gradient, all fp32."""
     if not shape.has_lm_head:
         return 0, 0
-    k, V = _Step.of(st), shape.vocab
-    logits, shifted = k.c * k.T * V, (k.c * k.T1 * V if k.b > 1 else 0)
-    if k.c < 4:
-        forward = logits + 4 * k.T1 * V + max(shifted, 4 * k.T1 * V)
+    k, vocab = _Step.of(st), shape.vocab
+    logits, shifted = k.itemsize * k.tokens * vocab, (k.itemsize * k.positions * vocab if k.batch > 1 else 0)
+    fp32_loss_tensor = FP32 * k.positions * vocab  # one fp32 tensor over the loss positions
+    if k.narrow:  # the fp32 copy and log-softmax; the shifted slice is freed once cast, before log-softmax
+        forward = logits + fp32_loss_tensor + max(shifted, fp32_loss_tensor)
     else:  # .float() is a no-op: log-softmax reads the shifted slice itself
-        forward = logits + shifted + 4 * k.T1 * V
-    return forward, 12 * k.T1 * V
+        forward = logits + shifted + fp32_loss_tensor
+    return forward, 3 * fp32_loss_tensor  # log-softmax, its incoming gradient, its output gradient
 
 
 def _phases(shape: ModelShape, st: Settings, adapters: list[tuple[LinearShape, int, int]]) -> dict[str, int]:
     """Bytes beyond weights, adapters and optimizer states at each candidate peak of the step."""
     k = _Step.of(st)
     last = max(shape.blocks - 1, 0)
-    grads = sum(4 * (a + b) for _, a, b in adapters)
-    grads_first = sum(4 * (a + b) for lin, a, b in adapters if lin.block == 0)
+    grads = sum(FP32 * (a + b) for _, a, b in adapters)
+    grads_first = sum(FP32 * (a + b) for lin, a, b in adapters if lin.block == 0)
     final_norm = _norm_saved(shape, k) if shape.has_lm_head else 0
-    rope = 2 * k.c * k.s * shape.head_dim
-    mask = (k.c if st.attn_implementation == "eager" else 1) * k.b * k.s * k.s
-    cache = k.c * sum(a + b for _, a, b in adapters) if k.c < 4 else 0  # autocast's copies of all LoRA weights
+    rope = 2 * k.itemsize * k.seq * shape.head_dim  # cos and sin, shared by every block
+    # the 4-d padding mask: in the compute dtype for eager, bool for sdpa
+    mask = (k.itemsize if st.attn_implementation == "eager" else 1) * k.batch * k.seq * k.seq
+    cache = k.itemsize * sum(a + b for _, a, b in adapters) if k.narrow else 0  # autocast's copies of all LoRA weights
     fwd_logits, bwd_logits = logits_bytes(shape, st)
     top, first = block_peak_bytes(shape, st, last), block_peak_bytes(shape, st, 0)
     if st.gradient_checkpointing:
-        block_input = k.c * k.T * shape.hidden
+        block_input = k.itemsize * k.tokens * shape.hidden
         held = shape.blocks * block_input + rope + mask  # every block's input, kept for its recompute
         phases = {
             "forward end": held + final_norm + cache + fwd_logits,
@@ -322,17 +350,18 @@ def plan_memory(
     """The memory plan of one training step for a Recipe (its model config, its settings), a transformers config
     or a ModelShape; keyword arguments override the recipe's settings (or the defaults). With `gpu_gib`, also
     whether it fits and the largest batch size and sequence length that do."""
-    changes = dict(batch_size=batch_size, seq_len=seq_len, lora=lora, quant=quant, optimizer=optimizer,
-                   gradient_checkpointing=gradient_checkpointing, attn_implementation=attn_implementation,
-                   compute_dtype=compute_dtype, device=device)
+    training = dict(batch_size=batch_size, max_seq_len=seq_len, lora=lora, quant=quant, optimizer=optimizer,
+                    gradient_checkpointing=gradient_checkpointing, compute_dtype=compute_dtype)
+    training = {k: v for k, v in training.items() if v is not None}
     if isinstance(config_or_recipe, Recipe):
-        shape = ModelShape.from_config(recipe_model_config(config_or_recipe), config_or_recipe.trust_remote_code)
-        settings = Settings.from_recipe(config_or_recipe, **changes)
+        recipe = dataclasses.replace(config_or_recipe, **training)  # Recipe validates the changed values
+        shape = ModelShape.from_config(recipe_model_config(recipe), recipe.trust_remote_code)
     else:
+        recipe = Recipe(model="(planned from its config)", dataset=DatasetConfig("(none)"), **training)
         shape = config_or_recipe
         if not isinstance(shape, ModelShape):
             shape = ModelShape.from_config(config_or_recipe)
-        settings = dataclasses.replace(Settings(), **{k: v for k, v in changes.items() if v is not None})
+    settings = Settings.from_recipe(recipe, attn_implementation=attn_implementation, device=device)
     return plan_shape(shape, settings, None if gpu_gib is None else int(gpu_gib * GiB))
 
 
@@ -340,10 +369,9 @@ def plan_shape(shape: ModelShape, st: Settings, gpu_bytes: int | None = None, se
     """The arithmetic itself, on an already-read ModelShape (cheap: searches call it many times)."""
     adapters = _adapter_numels(shape, st.lora)
     numels = [n for _, a, b in adapters for n in (a, b)]
-    c = ITEMSIZE[st.compute_dtype]
     quantized = sum(quantized_nbytes(lin.in_features * lin.out_features, st.quant) for lin in shape.linears)
-    base = quantized + c * shape.plain_numel + shape.buffer_bytes
-    adapter = 4 * sum(numels)
+    base = quantized + ITEMSIZE[st.compute_dtype] * shape.plain_numel + shape.buffer_bytes
+    adapter = FP32 * sum(numels)
     optim, evictable = optimizer_state_bytes(numels, st.optimizer, st.device)
     phases = _phases(shape, st, adapters)
     peak_phase = max(phases, key=phases.get)

@@ -18,7 +18,6 @@ from qlora_kit.config import Recipe
 from qlora_kit.device import DTYPES
 from qlora_kit.errors import ConfigError
 from qlora_kit.lora import LoraConfig
-from qlora_kit.optim import OPTIMIZERS
 from qlora_kit.quant import QuantConfig
 
 GiB = 1024**3
@@ -156,7 +155,8 @@ def _mark_attention(linears: tuple[LinearShape, ...]) -> tuple[LinearShape, ...]
 
 @dataclass(frozen=True)
 class Settings:
-    """The knobs a plan depends on (a Recipe's, plus the attention kernel and the device)."""
+    """The knobs a plan depends on: a Recipe's, which `Recipe` has validated (`plan.plan_memory` builds a Recipe
+    from loose arguments for that), plus the attention kernel and the device, checked here."""
 
     batch_size: int = 1
     seq_len: int = 512
@@ -169,12 +169,7 @@ class Settings:
     device: str = "cuda"
 
     def __post_init__(self) -> None:
-        for key in ("batch_size", "seq_len"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be an integer >= 1, got {getattr(self, key)!r}")
-        checks = (("optimizer", OPTIMIZERS), ("attn_implementation", ATTENTION),
-                  ("compute_dtype", tuple(ITEMSIZE)), ("device", DEVICES))
-        for key, choices in checks:
+        for key, choices in (("attn_implementation", ATTENTION), ("device", DEVICES)):
             if getattr(self, key) not in choices:
                 raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {getattr(self, key)!r}")
 

@@ -68,7 +68,7 @@ def make_requests(words: list[str], adapters: list[str], prompts: int, seed: int
     """Each adapter gets its own `prompts` alpaca prompts; the requests arrive in a shuffled order."""
     import numpy as np
 
-    from qlora_kit.data import ALPACA_PROMPT_NO_INPUT
+    from qlora_kit.data import alpaca_prompt
     from qlora_kit.generate import Request
 
     rng = np.random.default_rng(seed)
@@ -76,7 +76,7 @@ def make_requests(words: list[str], adapters: list[str], prompts: int, seed: int
     for name in adapters:
         for _ in range(prompts):
             instruction = " ".join(rng.choice(words, int(rng.integers(*PROMPT_WORDS))))
-            requests.append(Request(ALPACA_PROMPT_NO_INPUT.format(instruction=instruction), name, chat=False))
+            requests.append(Request(alpaca_prompt(instruction), name, chat=False))
     return [requests[i] for i in rng.permutation(len(requests))]
 
 
