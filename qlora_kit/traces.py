@@ -124,7 +124,10 @@ def table(summaries: list[AdapterSummary]) -> str:
              ms(s.ttft_p95_s), f"{s.tokens_per_s:.1f}", str(s.tokens_in), str(s.tokens_out), str(s.errors)]
             for s in summaries]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+
+    def line(cells: list[str]) -> str:  # the adapter name left-aligned, figures right-aligned
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows)])
 
 
@@ -142,12 +145,12 @@ def plot(summaries: list[AdapterSummary], out: Path) -> None:
     names = [s.adapter for s in summaries]
     x = range(len(names))
     fig, (left, right) = plt.subplots(1, 2, figsize=(max(6.0, 1.2 * len(names) + 4), 3.8))
-    for offset, (label, p50, p95) in zip((-0.2, 0.2), (
-            ("latency", [s.latency_p50_s for s in summaries], [s.latency_p95_s for s in summaries]),
-            ("time to first token", [s.ttft_p50_s or 0.0 for s in summaries], [s.ttft_p95_s or 0.0 for s in summaries]))):
-        low = [0.0] * len(p50)
-        high = [b - a for a, b in zip(p50, p95)]
-        left.bar([i + offset for i in x], p50, 0.4, yerr=[low, high], capsize=3, label=f"{label} (p50, p95)")
+    series = (("latency", [(s.latency_p50_s, s.latency_p95_s) for s in summaries]),
+              ("time to first token", [(s.ttft_p50_s or 0.0, s.ttft_p95_s or 0.0) for s in summaries]))
+    for offset, (label, pairs) in zip((-0.2, 0.2), series):
+        p50 = [a for a, _ in pairs]
+        whiskers = [[0.0] * len(pairs), [b - a for a, b in pairs]]
+        left.bar([i + offset for i in x], p50, 0.4, yerr=whiskers, capsize=3, label=f"{label} (p50, p95)")
     left.set(xticks=list(x), ylabel="seconds", title="latency per adapter")
     left.set_xticklabels(names, rotation=30, ha="right")
     left.legend(fontsize=8)

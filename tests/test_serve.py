@@ -46,8 +46,8 @@ def workspace(tmp_path_factory, llama_dir):
         (model_dir / f.name).write_bytes(f.read_bytes())
     make_tokenizer().save_pretrained(model_dir)
     adapters = {}
-    for seed, (name, lora) in enumerate({"a": LoraConfig(r=4, alpha=8),
-                                         "b": LoraConfig(r=2, alpha=8, target_modules=["q_proj", "down_proj"])}.items()):
+    configs = {"a": LoraConfig(r=4, alpha=8), "b": LoraConfig(r=2, alpha=8, target_modules=["q_proj", "down_proj"])}
+    for seed, (name, lora) in enumerate(configs.items()):
         model = load_quantized(model_dir, lora=lora)
         torch.manual_seed(seed)
         for key, p in lora_parameters(model).items():
