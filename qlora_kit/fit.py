@@ -93,6 +93,13 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
+def _per_gpu_line(plan: Plan) -> str:
+    st = plan.settings
+    offload = " with the base offloaded to host memory" if st["offload_base"] else ""
+    host = f", host memory per rank {_gib(plan.host_bytes).strip()}" if plan.host_bytes else ""
+    return f"  per GPU of {st['gpus']}, {st['strategy']}{offload}{host}"
+
+
 def format_plan(plan: Plan) -> str:
     """The plan as a table: components, the step's phases (the peak marked), the verdict, the assumptions."""
     st = plan.settings
@@ -104,9 +111,7 @@ def format_plan(plan: Plan) -> str:
         f"(dropout {lora['dropout']}), {q['type']}{'+dq' if q['double_quant'] else ''}/{q['blocksize']}, "
         f"{st['optimizer']}, checkpointing {'on' if st['gradient_checkpointing'] else 'off'}, "
         f"{st['attn_implementation']}, {st['compute_dtype']}, on {st['device']}",
-        *([f"  per GPU of {st['gpus']}, {st['strategy']}{' with the base offloaded to host memory' if st['offload_base'] else ''}"
-           f"{f', host memory per rank {_gib(plan.host_bytes).strip()}' if plan.host_bytes else ''}"]
-          if plan.gpus > 1 or st["offload_base"] else []),
+        *([_per_gpu_line(plan)] if plan.gpus > 1 or st["offload_base"] else []),
         "",
         f"  frozen base weights       {_gib(plan.base_weights_bytes)}   "
         f"(4-bit linears {_gib(plan.quantized_bytes).strip()})",

@@ -2,8 +2,9 @@
 
 Adapter (PEFT files), optimizer state (`torch.save`, read back with `weights_only=True`: no pickle code runs),
 scheduler, counters and data position (JSON), RNG state (safetensors; one stream per rank when distributed,
-where rank 0 gathers the whole adapter and optimizer state and writes the directory alone). Each directory is built under a temp
-name and renamed when complete, so the newest `step-N` is always whole, whatever moment a kill came at.
+where rank 0 gathers the whole adapter and optimizer state and writes the directory alone). Each directory is
+built under a temp name and renamed when complete, so the newest `step-N` is always whole, whatever moment a kill
+came at.
 """
 
 from __future__ import annotations

@@ -414,7 +414,8 @@ def scaling_table(results: dict[str, list[dict]], nproc: int) -> str:
     """tokens/s of ours on N processes against ours on one: N would be perfect scaling."""
     med = medians(results)
     one = med.get("ours")
-    rows = ["| contender | processes | runs | tokens/s | vs 1 process | peak GiB (rank 0) |", "|---|---:|---|---:|---:|---:|"]
+    rows = ["| contender | processes | runs | tokens/s | vs 1 process | peak GiB (rank 0) |",
+            "|---|---:|---|---:|---:|---:|"]
     for contender, runs in results.items():
         m = med.get(contender)
         n = 1 if contender == "ours" else nproc
