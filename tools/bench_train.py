@@ -245,9 +245,11 @@ def run_ours(args, packing: bool, strategy: str | None = None) -> dict:
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         trainer.run()
+        if not trainer.dist.is_main:
+            return {}
         steps = [r for r in read_metrics(Path(out)) if "tokens_seen" in r]
         if strategy:
-            shutil.rmtree(out_dir, ignore_errors=True)  # rank 0 reads it last; the other ranks have finished
+            shutil.rmtree(out_dir, ignore_errors=True)  # past the run's last barrier: the other ranks are done
     first, last = steps[0], steps[-1]
     return {"tokens": last["tokens_seen"] - first["tokens_seen"], "seconds": last["elapsed_s"] - first["elapsed_s"],
             "steps": len(steps) - 1, "epoch_tokens": real, "epoch_slots": slots}
