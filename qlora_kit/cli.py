@@ -147,7 +147,8 @@ def _plan(args: argparse.Namespace) -> int:
     from qlora_kit.fit import plan_report
 
     report = plan_report(args.source, args.overrides, gpu_gib=args.gpu, fit=args.fit,
-                         attn_implementation=args.attn, device=args.device)
+                         attn_implementation=args.attn, device=args.device, gpus=args.gpus,
+                         strategy=args.strategy, offload_base=args.offload_base)
     print(report.to_json() if args.json else report.render())
     return 0
 
@@ -252,6 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON object instead of the table")
     p.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa", help="attention implementation")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="device the run is planned for")
+    p.add_argument("--gpus", type=int, default=1, metavar="N", help="plan per GPU for a run on N processes")
+    p.add_argument("--strategy", choices=("fsdp", "ddp"), help="with --gpus: default the recipe's (fsdp)")
+    p.add_argument("--offload-base", action="store_true",
+                   help="FSDP CPU offload: the sharded base, adapters and optimizer states in host memory")
     p.set_defaults(func=_plan)
     return parser
 

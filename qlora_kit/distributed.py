@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import logging
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -28,7 +27,6 @@ from torch import nn
 
 from qlora_kit.errors import ConfigError
 
-log = logging.getLogger(__name__)
 
 STRATEGIES = ("fsdp", "ddp")
 _COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)  # a rank stuck this long in one collective ends the job
@@ -86,6 +84,17 @@ class Dist:
             else:
                 dist.init_process_group(backend, timeout=_COLLECTIVE_TIMEOUT)
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
+
+    def optimizer_name(self, name: str) -> str:
+        """The optimizer this strategy can step. bitsandbytes' fused updates cannot take FSDP's sharded DTensor
+        parameters: its 32-bit AdamW becomes torch's AdamW, the same update (with each rank holding 1/N of the
+        states there is less to page); its 8-bit states have no such twin and are refused."""
+        if self.strategy != "fsdp" or name == "adamw":
+            return name
+        if name.endswith("_8bit"):
+            raise ConfigError(f"optimizer {name} cannot step FSDP's sharded parameters; use optimizer=adamw "
+                              "(each rank holds 1/N of its states) or distributed.strategy=ddp")
+        return "adamw"  # the first log line says so (Trainer._announce)
 
     @property
     def is_main(self) -> bool:

@@ -94,6 +94,13 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
+def _per_gpu_line(plan: Plan) -> str:
+    st = plan.settings
+    offload = " with the base offloaded to host memory" if st["offload_base"] else ""
+    host = f", host memory per rank {_gib(plan.host_bytes).strip()}" if plan.host_bytes else ""
+    return f"  per GPU of {st['gpus']}, {st['strategy']}{offload}{host}"
+
+
 def format_plan(plan: Plan) -> str:
     """The plan as a table: components, the step's phases (the peak marked), the verdict, the assumptions."""
     st = plan.settings
@@ -105,6 +112,7 @@ def format_plan(plan: Plan) -> str:
         f"(dropout {lora['dropout']}), {QuantConfig(**q)}, "
         f"{st['optimizer']}, checkpointing {'on' if st['gradient_checkpointing'] else 'off'}, "
         f"{st['attn_implementation']}, {st['compute_dtype']}, on {st['device']}",
+        *([_per_gpu_line(plan)] if plan.gpus > 1 or st["offload_base"] else []),
         "",
         f"  frozen base weights       {_gib(plan.base_weights_bytes)}   "
         f"(4-bit linears {_gib(plan.quantized_bytes).strip()})",
@@ -116,6 +124,8 @@ def format_plan(plan: Plan) -> str:
         f"  activations               {_gib(plan.activation_bytes)}",
         f"  logits / loss             {_gib(plan.logits_bytes)}",
         f"  overhead                  {_gib(plan.overhead_bytes)}",
+        *([f"  whole weights in flight   {_gib(plan.gathered_bytes)}   (FSDP all-gathers, in every phase below)"]
+          if plan.gathered_bytes else []),
         "  during the step, on top of weights, adapters and optimizer states:",
         *(f"    {name:<23} {_gib(n)}{'   <- peak' if name == plan.peak_phase else ''}"
           for name, n in plan.phases.items()),
@@ -184,7 +194,8 @@ class PlanReport:
 
 
 def plan_report(source: str | Path, overrides: list[str] | tuple[str, ...] = (), *, gpu_gib: float | None = None,
-                fit: bool = False, attn_implementation: str = "sdpa", device: str = "cuda") -> PlanReport:
+                fit: bool = False, attn_implementation: str = "sdpa", device: str = "cuda", gpus: int = 1,
+                strategy: str | None = None, offload_base: bool = False) -> PlanReport:
     """Plan a recipe YAML, a model directory or a config.json (with `key=value` recipe overrides); with `fit`,
     also propose the least change that fits `gpu_gib`."""
     if fit and gpu_gib is None:
@@ -193,7 +204,8 @@ def plan_report(source: str | Path, overrides: list[str] | tuple[str, ...] = (),
         raise ConfigError(f"--gpu must be a positive number of GiB, got {gpu_gib}")
     config, recipe = load_plan_source(source, overrides)
     shape = ModelShape.from_config(config, recipe.trust_remote_code)
-    settings = Settings.from_recipe(recipe, attn_implementation=attn_implementation, device=device)
+    settings = Settings.from_recipe(recipe, attn_implementation=attn_implementation, device=device, gpus=gpus,
+                                    strategy=strategy, offload_base=offload_base or None)
     gpu_bytes = None if gpu_gib is None else int(gpu_gib * GiB)
     plan = plan_shape(shape, settings, gpu_bytes)
     proposal = propose_fit(shape, settings, gpu_bytes, recipe.gradient_accumulation_steps) if fit else None

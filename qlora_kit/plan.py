@@ -81,6 +81,12 @@ class Plan:
     max_batch_size: int | None = None
     max_seq_len: int | None = None
     assumptions: list[str] = field(default_factory=list)
+    gpus: int = 1
+    """Every byte figure above is per GPU (per rank) when this is > 1 or the base is offloaded."""
+    gathered_bytes: int = 0
+    """FSDP: whole (all-gathered) weights held during the step: the root's and the blocks' in flight."""
+    host_bytes: int = 0
+    """FSDP CPU offload: this rank's shards of weights, adapters, gradients and optimizer states in host memory."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -330,6 +336,59 @@ def _phases(shape: ModelShape, st: Settings, adapters: list[tuple[LinearShape, i
     return phases
 
 
+# --- several GPUs -------------------------------------------------------------------------------------------
+
+FSDP_BLOCKS_IN_FLIGHT = 2
+"""Blocks whose weights are whole at once under FSDP2 with reshard_after_forward: the one computing and the next,
+prefetched (FSDP2's default forward and backward prefetch)."""
+
+
+@dataclass
+class _Share:
+    """One rank's part of a plan's resident components and the step's phases (train.py under distributed.py)."""
+
+    base: int
+    adapter: int
+    optim: int
+    evictable: int
+    phases: dict[str, int]
+    gathered: int = 0
+    host: int = 0
+
+
+def _per_rank(shape: ModelShape, st: Settings, base: int, quantized: int, adapter: int, optim: int,
+              evictable: int, phases: dict[str, int]) -> _Share:
+    """DDP: every rank holds everything, plus its gradient buckets (one more fp32 copy of the gradients) at the
+    end of backward. FSDP: the weights, adapters, gradients and optimizer states are sharded 1/N each (dim 0 of
+    every tensor), and whole copies of the root module (embeddings, head, final norm: FSDP2 keeps the root
+    gathered through the step) and of the blocks in flight are held on top; with CPU offload the shards live in
+    host memory and the optimizer steps there."""
+    n = st.gpus
+    if st.strategy == "ddp":
+        if n == 1:
+            return _Share(base, adapter, optim, evictable, phases)
+        bucketed = {k: v + (adapter if k in ("backward end", "optimizer step") else 0) for k, v in phases.items()}
+        return _Share(base, adapter, optim, evictable, bucketed)
+    if n == 1 and not st.offload_base:
+        return _Share(base, adapter, optim, evictable, phases)
+    blocks = max(shape.blocks, 1)
+    in_flight = blocks if not st.reshard_after_forward else min(FSDP_BLOCKS_IN_FLIGHT, blocks)
+    per_block = (quantized + adapter) // blocks
+    root = base - quantized  # plain parameters and buffers: almost all of it the embeddings and the head
+    gathered = root + in_flight * per_block
+    grads_gone = adapter - adapter // n  # reduce-scattered block by block: only the shard is kept
+    if st.offload_base:
+        grads_gone = adapter
+    shared = {k: v - (grads_gone if k in ("backward end", "optimizer step") else 0) for k, v in phases.items()}
+    share = _Share(base // n, adapter // n, optim // n, evictable // n, shared, gathered)
+    if st.offload_base:
+        share.host = share.base + share.adapter + share.optim + adapter // n
+        share.phases["optimizer step"] = 0  # runs on the host, on the host's shards
+        share.base = share.adapter = share.optim = share.evictable = 0
+    share.phases = {k: v + gathered for k, v in share.phases.items()}
+    return share
+
+
 # --- the plan ----------------------------------------------------------------------------------------------
 
 
@@ -373,10 +432,13 @@ def plan_shape(shape: ModelShape, st: Settings, gpu_bytes: int | None = None, se
     base = quantized + ITEMSIZE[st.compute_dtype] * shape.plain_numel + shape.buffer_bytes
     adapter = FP32 * sum(numels)
     optim, evictable = optimizer_state_bytes(numels, st.optimizer, st.device)
-    phases = _phases(shape, st, adapters)
+    share = _per_rank(shape, st, base, quantized, adapter, optim, evictable, _phases(shape, st, adapters))
+    phases = share.phases
     peak_phase = max(phases, key=phases.get)
     overhead = CUDA_OVERHEAD if st.device == "cuda" else 0
-    total = base + adapter + optim + phases[peak_phase] + overhead
+    total = share.base + share.adapter + share.optim + phases[peak_phase] + overhead
+    evictable = share.evictable
+    shards = st.gpus if st.strategy == "fsdp" else 1
     fwd_logits, bwd_logits = logits_bytes(shape, st)
     activations = max(phases["backward start"] - bwd_logits, phases["top block"])
     plan = Plan(
@@ -385,11 +447,11 @@ def plan_shape(shape: ModelShape, st: Settings, gpu_bytes: int | None = None, se
         params=shape.params,
         quantized_params=sum(lin.in_features * lin.out_features for lin in shape.linears),
         adapter_params=sum(numels),
-        base_weights_bytes=base,
-        quantized_bytes=quantized,
-        adapter_bytes=adapter,
-        gradient_bytes=adapter,
-        optimizer_bytes=optim,
+        base_weights_bytes=share.base,
+        quantized_bytes=0 if st.offload_base else quantized // shards,
+        adapter_bytes=share.adapter,
+        gradient_bytes=0 if st.offload_base else adapter // shards,
+        optimizer_bytes=share.optim,
         optimizer_evictable_bytes=evictable,
         activation_bytes=activations,
         logits_bytes=max(fwd_logits, bwd_logits),
@@ -400,6 +462,9 @@ def plan_shape(shape: ModelShape, st: Settings, gpu_bytes: int | None = None, se
         resident_bytes=total - evictable,
         gpu_bytes=gpu_bytes,
         assumptions=assumptions(shape, st),
+        gpus=st.gpus,
+        gathered_bytes=share.gathered,
+        host_bytes=share.host,
     )
     if gpu_bytes is not None:
         plan.fits = plan.resident_bytes <= gpu_bytes
@@ -464,12 +529,26 @@ def assumptions(shape: ModelShape, st: Settings) -> list[str]:
         "(train.token_loss_sum); the peak is the largest phase: " + ", ".join(
             ["forward end", "backward start", "top block", "backward end", "optimizer step"]),
     ]
+    if st.gpus > 1 or st.offload_base:
+        out.append(_distributed_assumption(st))
     if st.device == "cuda":
         out.append(f"overhead: {CUDA_OVERHEAD / GiB:.2f} GiB fixed for the CUDA context and allocator slack, on top "
                    "of what torch.cuda.max_memory_allocated would report")
     else:
         out.append("device cpu: no overhead; the total is tracked tensor allocations, not process RSS")
     return out
+
+
+def _distributed_assumption(st: Settings) -> str:
+    if st.strategy == "ddp":
+        return (f"ddp on {st.gpus} GPUs, figures per GPU: every rank holds the whole model, adapters and optimizer; "
+                "DDP's gradient buckets add one fp32 copy of the gradients at the end of backward")
+    where = "host memory (cpu_offload; the optimizer steps there)" if st.offload_base else "each GPU"
+    blocks = "every block" if not st.reshard_after_forward else f"the {FSDP_BLOCKS_IN_FLIGHT} blocks in flight"
+    return (f"fsdp (FSDP2 fully_shard per block) on {st.gpus} GPU(s), figures per GPU: 1/{st.gpus} of the 4-bit "
+            f"base, adapters, gradients and optimizer states on {where}; whole copies of the root module "
+            f"(embeddings, head, final norm) and of {blocks} are held during the step; batch_size is per GPU; "
+            "NCCL's buffers and all-gather staging beyond those copies are not counted")
 
 
 def read_model_config(path: str | Path, trust_remote_code: bool = False):

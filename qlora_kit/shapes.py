@@ -167,14 +167,29 @@ class Settings:
     attn_implementation: str = "sdpa"
     compute_dtype: str = "bfloat16"
     device: str = "cuda"
+    gpus: int = 1
+    """Processes (one GPU each) the run is spread over; batch_size is per process."""
+    strategy: str = "fsdp"
+    """With gpus > 1: "fsdp" shards weights, adapters, gradients and optimizer states; "ddp" replicates them."""
+    offload_base: bool = False
+    """FSDP's CPU offload: sharded parameters, gradients and optimizer states live in host memory."""
+    reshard_after_forward: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.gpus, int) or self.gpus < 1:
+            raise ConfigError(f"--gpus must be an integer >= 1, got {self.gpus!r}")
+        if self.strategy not in ("fsdp", "ddp"):
+            raise ConfigError(f"--strategy must be fsdp or ddp, got {self.strategy!r}")
+        if self.offload_base and self.strategy != "fsdp":
+            raise ConfigError("--offload-base needs --strategy fsdp (DDP cannot offload)")
         for key, choices in (("attn_implementation", ATTENTION), ("device", DEVICES)):
             if getattr(self, key) not in choices:
                 raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {getattr(self, key)!r}")
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, **changes: Any) -> Settings:
+        d = recipe.distributed
         base = cls(recipe.batch_size, recipe.max_seq_len, recipe.lora, recipe.quant, recipe.optimizer,
-                   recipe.gradient_checkpointing, compute_dtype=recipe.compute_dtype)
+                   recipe.gradient_checkpointing, compute_dtype=recipe.compute_dtype, strategy=d.strategy,
+                   offload_base=d.cpu_offload, reshard_after_forward=d.reshard_after_forward)
         return dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None})

@@ -152,6 +152,7 @@ class Trainer:
         self.dist = Dist(recipe.distributed, resolve_device())
         self.progress = progress and self.dist.is_main
         self.device = self.dist.device
+        self.optimizer_name = self.dist.optimizer_name(recipe.optimizer)
         self.dtype = resolve_dtype(recipe.compute_dtype, self.device)
         read_config(Path(recipe.model), recipe.trust_remote_code)  # a broken config.json, named as such, first
         self.tokenizer = load_tokenizer(recipe.model, recipe.trust_remote_code)
@@ -179,7 +180,7 @@ class Trainer:
             torch.manual_seed(recipe.seed * 1000 + self.dist.rank)
         self.net = self.dist.wrap(self.model)  # what the training forward runs through (DDP's wrapper)
         self.params = lora_parameters(self.model)
-        self.optimizer = make_optimizer(self.params.values(), recipe.optimizer, recipe.learning_rate,
+        self.optimizer = make_optimizer(self.params.values(), self.optimizer_name, recipe.learning_rate,
                                         recipe.weight_decay, self.device)
         warmup = recipe.warmup_steps or int(recipe.warmup_ratio * self.total_steps)
         self.scheduler = make_scheduler(self.optimizer, recipe.lr_scheduler, warmup, self.total_steps)
@@ -340,7 +341,6 @@ class Trainer:
         if not interrupted:
             after = self._finish(metrics)
         metrics.close()
-        self.dist.close()
         return TrainResult(self.out, self.counters.step, before, after, resumed, interrupted, self.dist.is_main)
 
     def _announce(self) -> None:
@@ -349,9 +349,11 @@ class Trainer:
             return
         held = self.dist.gather_objects(self.dist.local_bytes(quant_state_parameters(self.model).values()))
         if self.dist.is_main:
+            swapped = self.optimizer_name != self.recipe.optimizer
             tqdm.write(f"distributed: strategy {self.dist.strategy}, world size {self.dist.world}, 4-bit base bytes "
-                       f"per rank {held} (whole base {sum(held) if self.dist.strategy == 'fsdp' else held[0]})",
-                       file=sys.stderr)
+                       f"per rank {held} (whole base {sum(held) if self.dist.strategy == 'fsdp' else held[0]})"
+                       + (f"; optimizer {self.recipe.optimizer} runs as torch's AdamW (the same update; bitsandbytes "
+                          "cannot step sharded parameters)" if swapped else ""), file=sys.stderr)
 
     def _loop(self, metrics: MetricsLog) -> bool:
         r = self.recipe
@@ -419,4 +421,8 @@ class Trainer:
 
 
 def train(recipe: Recipe, progress: bool = True) -> TrainResult:
-    return Trainer(recipe, progress).run()
+    trainer = Trainer(recipe, progress)
+    try:
+        return trainer.run()
+    finally:
+        trainer.dist.close()  # the process group too, also after a failure

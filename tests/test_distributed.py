@@ -212,3 +212,22 @@ def test_ranks_split_each_global_batch_as_one_process_draws_it():
     batches = [next(iter(it)) for it in tail]  # 3 rows for 4 ranks: the last rank trains filler
     assert [FILLER in b for b in batches] == [False, False, False, True]
     assert bool((batches[3]["labels"] == -100).all())
+
+
+def test_recipe_section_is_checked_and_fsdp_refuses_what_it_cannot_step(ws):
+    from qlora_kit.distributed import Dist, DistributedConfig
+    from qlora_kit.errors import ConfigError
+
+    root, _ = ws
+    with pytest.raises(ConfigError, match="distributed.strategy must be one of fsdp, ddp"):
+        load_recipe(root / "tiny.yaml", ["distributed.strategy=deepspeed"])
+    with pytest.raises(ConfigError, match="cpu_offload needs distributed.strategy=fsdp"):
+        load_recipe(root / "tiny.yaml", ["distributed.strategy=ddp", "distributed.cpu_offload=true"])
+    one = Dist(DistributedConfig(cpu_offload=True), torch.device("cpu"))  # FSDP at world size 1
+    try:
+        assert one.optimizer_name("paged_adamw_32bit") == "adamw"
+        with pytest.raises(ConfigError, match="paged_adamw_8bit cannot step FSDP's sharded parameters"):
+            one.optimizer_name("paged_adamw_8bit")
+    finally:
+        one.close()
+    assert Dist(DistributedConfig(), torch.device("cpu")).optimizer_name("paged_adamw_8bit") == "paged_adamw_8bit"

@@ -9,6 +9,7 @@ Real tokens are non-padding tokens (prompt and response) that went through the m
     python tools/bench_train.py --repeats 3 --rows 256 --json /tmp/train.json
     python tools/bench_train.py --device cuda --preset llama-7b --lora-r 64 --lora-alpha 16 --max-seq-len 1024
     python tools/bench_train.py --device cuda --preset llama-70b --no-weights --only ours --lora-r 16 --batch-size 1
+    python tools/bench_train.py --nproc 2 --repeats 3     # scaling: ours on 1 process vs FSDP / DDP on 2
 
 Contenders (same model, data, batch size, max length, LoRA r/alpha on all linear layers, optimizer, gradient
 clipping 0.3, constant lr, bf16 autocast, fp32 LoRA weights, non-reentrant gradient checkpointing per block):
@@ -19,8 +20,12 @@ clipping 0.3, constant lr, bf16 autocast, fp32 LoRA weights, non-reentrant gradi
                get_peft_model(LoraConfig(target_modules="all-linear")); DataLoader(shuffle=True,
                collate_fn=DataCollatorForSeq2Seq) (pad to the longest row of the batch, labels -100 on the prompt);
                torch.autocast(bf16); loss.backward(); clip_grad_norm_; optimizer.step()
+  ours-fsdp    with --nproc N: ours under `torchrun --nproc-per-node N`, distributed.strategy fsdp, the same
+  ours-ddp     per-process batch (so N x the global batch: weak scaling), one epoch; tokens/s counts every rank's
+               tokens over rank 0's wall time. torchrun gives each process OMP_NUM_THREADS=1; the 1-process run
+               keeps torch's default threads, so on a 2-core CPU it is 2 threads against 2 processes x 1 thread.
 Memory: peak RSS (ru_maxrss, the whole child: imports, load and training) on CPU; torch.cuda.max_memory_allocated
-on CUDA.
+on CUDA (rank 0's under torchrun).
 
 Without --model, a workspace is built once under --workdir: a Llama-shaped random-weight checkpoint
 (tools/make_checkpoint.py; --preset, or the small shape of --hidden/--layers/...) with a word-level tokenizer of
@@ -36,6 +41,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -47,6 +53,7 @@ import benchlib
 
 REPO = Path(__file__).resolve().parents[1]
 CONTENDERS = ("ours", "ours-nopack", "peer")
+DISTRIBUTED = ("ours-fsdp", "ours-ddp")  # with --nproc N: ours on N processes under torchrun, batch per process
 RESULT_MARK = "BENCH_RESULT "
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0-3: bos 1 and eos 2 are LlamaConfig's defaults
 MAX_GRAD_NORM, LEARNING_RATE = 0.3, 2e-4
@@ -210,8 +217,9 @@ def build_random_4bit(model_dir: str, *, quant, lora, device, dtype, **_):
     return model
 
 
-def run_ours(args, packing: bool) -> dict:
-    """One epoch through the product's Trainer; timing from its own metrics.jsonl (elapsed_s, tokens_seen)."""
+def run_ours(args, packing: bool, strategy: str | None = None) -> dict:
+    """One epoch through the product's Trainer; timing from its own metrics.jsonl (elapsed_s, tokens_seen).
+    Under torchrun (`strategy`), every rank trains and rank 0's output directory and metrics are the ones read."""
     import torch
 
     from qlora_kit import train
@@ -220,7 +228,9 @@ def run_ours(args, packing: bool) -> dict:
 
     if args.no_weights:  # the Trainer as it is; only where the weights come from changes
         train.load_quantized = build_random_4bit
-    with tempfile.TemporaryDirectory(prefix="bench-train-", dir=args.workdir) as out:
+    out_dir = Path(args.workdir) / f"run-{os.environ.get('TORCHELASTIC_RUN_ID', os.getpid())}"
+    with tempfile.TemporaryDirectory(prefix="bench-train-", dir=args.workdir) as tmp:
+        out = str(out_dir) if strategy else tmp  # every rank must name the same directory
         recipe = load_recipe({
             "model": str(args.model), "dataset": {"path": str(args.data), "format": "alpaca"},
             "output_dir": out, "epochs": 1.0, "batch_size": args.batch_size, "max_seq_len": args.max_seq_len,
@@ -228,14 +238,18 @@ def run_ours(args, packing: bool) -> dict:
                                          "target_modules": "all-linear"},
             "optimizer": args.optimizer, "learning_rate": LEARNING_RATE, "lr_scheduler": "constant",
             "max_grad_norm": MAX_GRAD_NORM, "gradient_checkpointing": True, "compute_dtype": "bfloat16",
-            "logging_steps": 1, "seed": args.seed,
+            "logging_steps": 1, "seed": args.seed, "distributed": {"strategy": strategy or "fsdp"},
         })
         trainer = train.Trainer(recipe, progress=False)
         slots, real = _epoch_slots(trainer.batches)
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         trainer.run()
+        if not trainer.dist.is_main:
+            return {}
         steps = [r for r in read_metrics(Path(out)) if "tokens_seen" in r]
+        if strategy:
+            shutil.rmtree(out_dir, ignore_errors=True)  # past the run's last barrier: the other ranks are done
     first, last = steps[0], steps[-1]
     return {"tokens": last["tokens_seen"] - first["tokens_seen"], "seconds": last["elapsed_s"] - first["elapsed_s"],
             "steps": len(steps) - 1, "epoch_tokens": real, "epoch_slots": slots}
@@ -331,15 +345,24 @@ def run_child(args) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = run_peer(args) if args.child == "peer" else run_ours(args, packing=args.child == "ours")
+    if args.child == "peer":
+        result = run_peer(args)
+    elif args.child in DISTRIBUTED:
+        result = run_ours(args, packing=True, strategy=args.child.removeprefix("ours-"))
+    else:
+        result = run_ours(args, packing=args.child == "ours")
     result["peak_gib"] = _peak_memory_gib(args.device)
-    print(RESULT_MARK + json.dumps(result), flush=True)
+    if os.environ.get("RANK", "0") == "0":
+        print(RESULT_MARK + json.dumps(result), flush=True)
 
 
 # ---- parent: schedule children, summarize --------------------------------------------------------------------
 
 def child_command(args, contender: str) -> list[str]:
-    cmd = [sys.executable, __file__, "--child", contender, "--model", str(args.model), "--data", str(args.data),
+    launch = [sys.executable]
+    if contender in DISTRIBUTED:
+        launch += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}"]
+    cmd = [*launch, __file__, "--child", contender, "--model", str(args.model), "--data", str(args.data),
            "--workdir", str(args.workdir), "--device", args.device, "--batch-size", str(args.batch_size),
            "--max-seq-len", str(args.max_seq_len), "--lora-r", str(args.lora_r), "--lora-alpha", str(args.lora_alpha),
            "--optimizer", args.optimizer, "--seed", str(args.seed), "--threads", str(args.threads)]
@@ -387,6 +410,24 @@ def table(results: dict[str, list[dict]], device: str) -> str:
                     f"{m['peak_gib']:.3f} | {mem} | {m['steps']:.0f} | {m['seconds'] / m['steps']:.2f} | "
                     f"{m['epoch_tokens'] / m['epoch_slots']:.1%} |")
     return "\n".join(rows)
+
+
+def scaling_table(results: dict[str, list[dict]], nproc: int) -> str:
+    """tokens/s of ours on N processes against ours on one: N would be perfect scaling."""
+    med = medians(results)
+    one = med.get("ours")
+    rows = ["| contender | processes | runs | tokens/s | vs 1 process | peak GiB (rank 0) |",
+            "|---|---:|---|---:|---:|---:|"]
+    for contender, runs in results.items():
+        m = med.get(contender)
+        n = 1 if contender == "ours" else nproc
+        if m is None:
+            rows.append(f"| {contender} | {n} | 0/{len(runs)} | failed: {runs[-1]['error']} |")
+            continue
+        ratio = f"{m['tokens_per_s'] / one['tokens_per_s']:.2f}x" if one else "-"
+        rows.append(f"| {contender} | {n} | {len(m['runs'])}/{len(runs)} | {m['tokens_per_s']:,.0f} | {ratio} | "
+                    f"{m['peak_gib']:.3f} |")
+    return "\n".join(rows) + f"\n\nload average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
 
 
 def json_rows(results: dict[str, list[dict]], model: str, device: str, command: str) -> list[dict]:
@@ -464,7 +505,9 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=1, help="runs per contender, alternating; medians are shown")
     p.add_argument("--only", choices=CONTENDERS, action="append", help="run only these contenders")
     p.add_argument("--json", type=Path, help="also write the ratio rows (for tools/bench.py) here")
-    p.add_argument("--child", choices=CONTENDERS, help=argparse.SUPPRESS)
+    p.add_argument("--nproc", type=int, default=0, metavar="N",
+                   help="scaling: ours on 1 process against ours-fsdp and ours-ddp on N (torchrun); no peer")
+    p.add_argument("--child", choices=CONTENDERS + DISTRIBUTED, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -476,6 +519,8 @@ def main(argv=None) -> int:
     command = "python tools/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:])
     args.model, args.data = prepare_workspace(args)
     contenders = args.only or list(CONTENDERS)
+    if args.nproc:
+        contenders = ["ours", *DISTRIBUTED]
     if args.no_weights and "peer" in contenders:
         print("peer skipped: with --no-weights there is no checkpoint on disk, and transformers + bitsandbytes "
               "load 4-bit models only from one (drop --no-weights to generate it, disk permitting, and compare)\n")
@@ -487,7 +532,7 @@ def main(argv=None) -> int:
     print(f"## QLoRA training on {args.device}: {args.model.name}, batch {args.batch_size}, max length "
           f"{args.max_seq_len}, LoRA r={args.lora_r} alpha={args.lora_alpha:g} all-linear, {args.optimizer}\n\n"
           f"median (min-max) of {args.repeats} run(s); one epoch each, first step untimed\n{data_line(args.data, args.model, args.max_seq_len)}\n")
-    print(table(results, args.device))
+    print(scaling_table(results, args.nproc) if args.nproc else table(results, args.device))
     print("\ntokens/s: real (non-padding) tokens of the timed steps over their wall time. real tokens / row slots: "
           "the share of the epoch's batch\ncells holding data rather than padding. ours packs whole examples into rows "
           f"of {args.max_seq_len} (best fit), attention never crossing examples.")
