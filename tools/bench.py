@@ -64,6 +64,9 @@ def cpu_benches(work: Path) -> list[Bench]:
               ["--base", big, "--repeats", "5"]),
         Bench("multi-adapter generation", "bench_multi_adapter.py", ["--workdir", str(work / "train")],
               ["--workdir", str(work / "train"), "--new-tokens", "32", "--repeats", "3"]),
+        # the real model (python tools/get_smollm2.py first); the demo recipe's data, steps and seed
+        Bench("QLoRA vs 16-bit LoRA, SmolLM2-135M-Instruct", "bench_qlora_vs_lora.py", [],
+              ["--quant", "bf16", "--quant", "nf4", "--quant", "fp4"]),
     ]
 
 
