@@ -48,7 +48,8 @@ def test_real_model_demo_learns_exports_and_answers_the_same(smollm2, tmp_path, 
     scores = tmp_path / "scores.json"
     done = subprocess.run([sys.executable, str(REPO / "tools" / "demo_eval.py"), str(smollm2), str(out / "adapter"),
                            str(REPO / "demo" / "data" / "chat_eval.jsonl"), "--prompts", str(PROMPTS),
-                           "--json", str(scores)], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+                           "--json", str(scores)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-2000:]
     s = json.loads(scores.read_text())
     assert s["base"]["exact_match"] < 0.1 and s["adapter"]["exact_match"] > 0.5, done.stdout

@@ -153,7 +153,8 @@ def table(results: list[dict], recipe: Recipe, steps: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--recipe", type=Path, default=RECIPE, help="data, LoRA and optimizer settings (default: the demo's)")
+    ap.add_argument("--recipe", type=Path, default=RECIPE, 
+                    help="data, LoRA and optimizer settings (default: the demo's)")
     ap.add_argument("--quant", action="append", help="an arm: bf16, or QuantConfig fields (repeatable; "
                     "default: bf16 and nf4)")
     ap.add_argument("--steps", type=int, help="optimizer steps per arm (default: the recipe's max_steps)")
@@ -164,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     recipe = load_recipe(args.recipe, args.overrides)
     if not (Path(recipe.model) / "config.json").is_file():
-        print(f"bench_qlora_vs_lora: {recipe.model} not found; run `python tools/get_smollm2.py` first", file=sys.stderr)
+        print(f"bench_qlora_vs_lora: {recipe.model} not found; run `python tools/get_smollm2.py` first",
+              file=sys.stderr)
         return 2
     arms = [quant_arm(spec) for spec in (args.quant or [BF16, "nf4"])]
     steps = args.steps or recipe.max_steps

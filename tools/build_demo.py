@@ -124,7 +124,8 @@ def chat_rows(rows: list[dict]) -> list[dict]:
 
 def write_chat_split(demo_dir: Path) -> None:
     for part in ("train", "eval"):
-        write_jsonl(demo_dir / "data" / f"chat_{part}.jsonl", chat_rows(read_jsonl(demo_dir / "data" / f"{part}.jsonl")))
+        rows = read_jsonl(demo_dir / "data" / f"{part}.jsonl")
+        write_jsonl(demo_dir / "data" / f"chat_{part}.jsonl", chat_rows(rows))
 
 
 def train_tokenizer(lines: list[str]) -> PreTrainedTokenizerFast:

@@ -9,8 +9,8 @@ bf16 checkpoint: `model.safetensors`, `config.json` with `architectures` and no 
 tokenizer with its chat template, and a generation config whose eos is `<|im_end|>`. The checkpoint directory
 appears only when complete (built beside it, then renamed); a second run finds it and does nothing.
 
-The weights passed through Q4_1 once (4.5 bits/param, the package's only form): the bf16 checkpoint holds exactly
-the values llama.cpp would compute with, not the original bf16 release.
+The weights passed through Q4_1 once (5 bits/param; the embedding is Q8_0), the package's only form: the bf16
+checkpoint holds the values llama.cpp would compute with, not the original bf16 release.
 
 A tool, not a `qlora-kit` subcommand: it pins one third-party package and one file hash, which is data about
 one model, and the library holds no model-specific code. Converting GGUF is transformers' job; this only
@@ -137,7 +137,8 @@ def is_converted(out_dir: Path, sha256: str) -> bool:
     return record.is_file() and json.loads(record.read_text()).get("sha256") == sha256
 
 
-def get_smollm2(cache: Path = DEFAULT_CACHE, out_dir: Path | None = None, sha256: str = GGUF_SHA256) -> tuple[Path, bool]:
+def get_smollm2(cache: Path = DEFAULT_CACHE, out_dir: Path | None = None,
+                sha256: str = GGUF_SHA256) -> tuple[Path, bool]:
     """The converted checkpoint dir, and whether this call made it (False: it was already there)."""
     out_dir = out_dir or cache / MODEL_NAME
     if is_converted(out_dir, sha256):
