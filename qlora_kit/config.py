@@ -220,7 +220,10 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _resolve(value: Any, base: Path, maybe_hub: bool = False) -> Any:
-    """An absolute path; a relative dataset path that is not on disk and looks like `owner/name` stays a hub name."""
+    """An absolute path (`~` expanded); a relative dataset path not on disk that looks like `owner/name` stays a
+    hub name."""
+    if isinstance(value, str):
+        value = os.path.expanduser(value)
     if not isinstance(value, str) or not value or os.path.isabs(value):
         return value
     local = base / value

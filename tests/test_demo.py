@@ -38,6 +38,8 @@ def test_demo_pipeline_trains_exports_and_generates(tmp_path, capsys):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [2, 4]
 
+    check_teacher_forced_exact_match(out / "adapter")
+
     merged = tmp_path / "merged"
     assert main(["export", str(out / "adapter"), "--out", str(merged)]) == 0
     model = AutoModelForCausalLM.from_pretrained(merged)
@@ -47,6 +49,25 @@ def test_demo_pipeline_trains_exports_and_generates(tmp_path, capsys):
     assert main(["generate", str(merged), "--file", str(DEMO / "prompts.jsonl"), "--max-new-tokens", "3"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
     assert len(lines) == len((DEMO / "prompts.jsonl").read_text().splitlines())
+
+
+def check_teacher_forced_exact_match(adapter: Path) -> None:
+    """demo_eval's one-pass exact match must agree with what greedy generation actually answers, per row and arm."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_eval", REPO / "tools" / "demo_eval.py")
+    demo_eval = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo_eval)
+    from qlora_kit.generate import Request, generate, load_model, render
+
+    model, tok = load_model(DEMO / "model", {"tuned": adapter})
+    rows = demo_eval.read_jsonl(DEMO / "data" / "eval.jsonl")[:6]
+    scores = demo_eval.score(model, tok, rows, batch=3)
+    reqs = [Request(text, arm, chat) for text, chat in (render(tok, r) for r in rows) for arm in demo_eval.ARMS]
+    said = generate(model, tok, reqs, max_new_tokens=6)
+    for i, row in enumerate(rows):
+        for j, arm in enumerate(demo_eval.ARMS):
+            assert scores[arm]["hits"][i] == (said[2 * i + j].strip() == row["output"]), (row, arm, said[2 * i + j])
 
 
 @pytest.mark.slow

@@ -69,6 +69,9 @@ def cpu_benches(work: Path) -> list[Bench]:
         Bench("OpenAI-compatible serving, many adapters", "bench_serve.py",
               ["--workdir", str(work / "train"), "--threads", "1"],
               ["--workdir", str(work / "train"), "--threads", "1", "--requests-per-client", "4", "--repeats", "3"]),
+        # the real model (python tools/get_smollm2.py first); the demo recipe's data, steps and seed
+        Bench("QLoRA vs 16-bit LoRA, SmolLM2-135M-Instruct", "bench_qlora_vs_lora.py", [],
+              ["--quant", "bf16", "--quant", "nf4", "--quant", "fp4"]),
     ]
 
 

@@ -3,9 +3,11 @@
     apt-get install wordnet-base          # WordNet 3.0 database files, installed under /usr/share/wordnet
     python tools/build_demo.py            # writes demo/model/ and demo/data/{train,eval}.jsonl (~10 min, 2 cores)
     python tools/build_demo.py --check    # the base model's held-out response loss and exact match ("before")
+    python tools/build_demo.py --chat     # only rewrite demo/data/chat_{train,eval}.jsonl from the Alpaca split
 
-Owns: reading WordNet, the gloss corpus, the tokenizer, CPU pretraining, the Alpaca split. Calls no qlora_kit code,
-so the demo's "before" number never depends on the library it is meant to exercise.
+Owns: reading WordNet, the gloss corpus, the tokenizer, CPU pretraining, the Alpaca split, and the same split as
+chat messages for the real-model demo (recipes/smollm2-pos.yaml). Calls no qlora_kit code, so the demo's "before"
+number never depends on the library it is meant to exercise.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ INSTRUCTION = "What part of speech is this word? Answer noun, verb, adjective or
 POS_NAMES = {"n": "noun", "v": "verb", "a": "adjective", "s": "adjective", "r": "adverb"}
 DATA_FILES = ("data.noun", "data.verb", "data.adj", "data.adv")
 TRAIN_PER_POS, EVAL_PER_POS = 500, 50
+# The same question as one chat turn, for an instruct model that answers through its chat template.
+CHAT_QUESTION = 'What part of speech is the word "{input}"? Answer noun, verb, adjective or adverb.'
 
 SPECIALS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2
 VOCAB_SIZE = 4096
@@ -110,6 +114,18 @@ def pos_task(synsets: list[Synset], rng: random.Random) -> tuple[list[dict], lis
     rng.shuffle(train)
     rng.shuffle(held_out)
     return train, held_out
+
+
+def chat_rows(rows: list[dict]) -> list[dict]:
+    """The Alpaca rows as OpenAI-style messages: the same words, split and answers, one user turn each."""
+    return [{"messages": [{"role": "user", "content": CHAT_QUESTION.format(**r)},
+                          {"role": "assistant", "content": r["output"]}]} for r in rows]
+
+
+def write_chat_split(demo_dir: Path) -> None:
+    for part in ("train", "eval"):
+        rows = read_jsonl(demo_dir / "data" / f"{part}.jsonl")
+        write_jsonl(demo_dir / "data" / f"chat_{part}.jsonl", chat_rows(rows))
 
 
 def train_tokenizer(lines: list[str]) -> PreTrainedTokenizerFast:
@@ -232,6 +248,7 @@ def build(wn_dir: Path, demo_dir: Path) -> None:
     print(f"{len(synsets)} synsets; task: {len(train)} train / {len(held_out)} eval part-of-speech questions")
     write_jsonl(demo_dir / "data" / "train.jsonl", train)
     write_jsonl(demo_dir / "data" / "eval.jsonl", held_out)
+    write_chat_split(demo_dir)
 
     tokenizer = train_tokenizer(lines)
     blocks = pack(lines, tokenizer)
@@ -255,11 +272,15 @@ def build(wn_dir: Path, demo_dir: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only measure the built base model on eval.jsonl")
+    parser.add_argument("--chat", action="store_true", help="only write chat_{train,eval}.jsonl from the Alpaca split")
     parser.add_argument("--wordnet", type=Path, default=WORDNET_DIR, help="directory holding WordNet's data.* files")
     parser.add_argument("--out", type=Path, default=DEMO_DIR, help="demo directory to write")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     start = time.time()
+    if args.chat:
+        write_chat_split(args.out)
+        return
     if not args.check:
         build(args.wordnet, args.out)
     check(args.out)
