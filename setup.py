@@ -1,6 +1,6 @@
 """Build hook: the package itself is declared in pyproject.toml; native kernels are added here.
 
-`qlora_kit._quant4` is a plain C library (no Python API) that qlora_kit/_native.py loads with ctypes. It is
+`qlora_kit._quant4` (and `qlora_kit._quant_search`) are plain C libraries (no Python API) that qlora_kit/_native.py loads with ctypes. It is
 optional: without a working C compiler with OpenMP the package still installs, with a warning, and
 quantizes on the torch path instead -- same bits, slower.
 """
@@ -20,6 +20,13 @@ _CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-fast-math", "-std=gnu11
 _QUANT4 = Extension(
     "qlora_kit._quant4",
     sources=["qlora_kit/csrc/quant4.c"],
+    extra_compile_args=_CFLAGS,
+    extra_link_args=["-fopenmp"],
+)
+
+_QUANT_SEARCH = Extension(  # scale search (qlora_kit/quant_search.py), the same rounding rules
+    "qlora_kit._quant_search",
+    sources=["qlora_kit/csrc/quant_search.c"],
     extra_compile_args=_CFLAGS,
     extra_link_args=["-fopenmp"],
 )
@@ -70,4 +77,4 @@ def _skip(err: Exception) -> None:
     warnings.warn(f"qlora_kit: native 4-bit kernels not built ({err}); using the slower torch path", stacklevel=2)
 
 
-setup(ext_modules=[_QUANT4], cmdclass={"build_ext": OptionalBuildExt})
+setup(ext_modules=[_QUANT4, _QUANT_SEARCH], cmdclass={"build_ext": OptionalBuildExt})

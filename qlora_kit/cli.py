@@ -24,13 +24,14 @@ def _quantize(args: argparse.Namespace) -> int:
     from qlora_kit.convert import quantize_checkpoint
     from qlora_kit.quant import QuantConfig
 
-    quant = QuantConfig(args.quant_type, not args.no_double_quant, args.blocksize)
+    quant = QuantConfig(args.quant_type, not args.no_double_quant, args.blocksize, args.scale_search, args.calibrate)
     report = quantize_checkpoint(
         Path(args.model_dir), Path(args.out_dir), quant, int(args.max_shard_gb * 1024**3), args.trust_remote_code
     )
     bits = 8 * report.bytes_out / max(report.params_quantized, 1)
     print(
-        f"wrote {report.out_dir}: {report.quantized} linear layers in {quant} "
+        f"wrote {report.out_dir}: {report.quantized} linear layers in {quant}"
+        f"{', scale search' if quant.scale_search else ''}{', calibrated' if quant.calibration else ''} "
         f"({quant.bits_per_param():.3f} bits/param), {report.kept} tensors kept, "
         f"{report.bytes_in / 1e9:.2f} GB -> {report.bytes_out / 1e9:.2f} GB in {report.shards} shard(s)"
         f" [{bits:.2f} bits per quantized param overall]"
@@ -164,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4")
     q.add_argument("--no-double-quant", action="store_true", help="keep per-block absmax in fp32")
     q.add_argument("--blocksize", type=int, default=64, help="elements per absmax block (32..4096)")
+    q.add_argument("--scale-search", action="store_true",
+                   help="choose each block's absmax for the lowest error (same format, lower error)")
+    q.add_argument("--calibrate", metavar="FILE",
+                   help="text / JSONL ('text' field): GPTQ-style rounding on its first tokens (same format)")
     q.add_argument("--max-shard-gb", type=float, default=5.0, help="shard size of the output")
     q.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code")
     q.set_defaults(func=_quantize)

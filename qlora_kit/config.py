@@ -243,6 +243,8 @@ def _resolve_paths(data: Mapping[str, Any], base: Path) -> dict[str, Any]:
             if key in dataset:
                 dataset[key] = _resolve(dataset[key], base, maybe_hub=True)
         out["dataset"] = dataset
+    if isinstance(out.get("quant"), Mapping) and "calibration" in out["quant"]:
+        out["quant"] = {**out["quant"], "calibration": _resolve(out["quant"]["calibration"], base)}
     return out
 
 

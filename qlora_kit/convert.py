@@ -65,6 +65,12 @@ def quantize_checkpoint(
     dtype = config.dtype if isinstance(config.dtype, torch.dtype) else torch.bfloat16
     model = build_empty(config, dtype, trust_remote_code)
     targets = {f"{name}.weight": t for name, t in quant_targets(model).items()}
+    calibrated = {}
+    if quant.calibration is not None:
+        from qlora_kit.calibrate import calibrate_checkpoint
+
+        by_module = calibrate_checkpoint(model_dir, quant, trust_remote_code)
+        calibrated = {f"{name}.weight": qw for name, qw in by_module.items()}
     report = QuantizeReport(out_dir, 0, 0, 0, sum(i.nbytes for i in infos.values()), 0, 0)
     with AtomicDir(out_dir) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
@@ -77,7 +83,8 @@ def quantize_checkpoint(
                     report.kept += 1
                     continue
                 weight = tensor.t() if target.transposed else tensor
-                for k, v in QuantizedWeight.quantize(weight, quant).state_dict(key).items():
+                qw = calibrated.pop(key, None) or QuantizedWeight.quantize(weight, quant)
+                for k, v in qw.state_dict(key).items():
                     writer.add(k, v)
                 report.quantized += 1
                 report.params_quantized += tensor.numel()

@@ -135,6 +135,12 @@ def export_merged(
     jobs = _plan(targets, prefix, infos, (adapter_infos, adapter_keys), lora, adapter_dir, base_dir)
     dtype = BNB_DTYPE if stored_quant is not None else _base_dtype(config, infos, jobs)
     quant = stored_quant or quant or (record.quant if record is not None else QuantConfig())
+    if merge_into == "dequantized" and quant.calibration is not None:
+        raise ConfigError(
+            f"{adapter_dir}: trained on a base calibrated with {quant.calibration}, which export cannot redo tensor "
+            f"by tensor; write that base once with `qlora-kit quantize --calibrate` and pass it as --base, or use "
+            f"--merge-into original"
+        )
     aux = {k for job in jobs.values() for k in job.aux}
     keys = [k for k in iter_by_file(infos) if k not in aux]
     layout = [(k, _out_shape(infos[k], jobs.get(k)), dtype if k in jobs else infos[k].dtype) for k in keys]

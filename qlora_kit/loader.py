@@ -106,10 +106,11 @@ def _key_map(model: nn.Module, infos: dict[str, TensorInfo]) -> dict[str, str]:
 class _Streamer:
     """Places tensors into the meta-built model one at a time, swapping target linears for `QLinear`s."""
 
-    def __init__(self, model, targets, quant, device, dtype) -> None:
+    def __init__(self, model, targets, quant, device, dtype, calibrated=None) -> None:
         self.model, self.targets, self.quant = model, targets, quant
         self.device, self.dtype = torch.device(device), dtype
         self.biases: dict[str, torch.Tensor] = {}
+        self.calibrated: dict[str, QuantizedWeight] = calibrated or {}  # calibrate.py's, by module name
 
     def place(self, key: str, reader: TensorReader, ckpt_key: str) -> None:
         module_name, _, attr = key.rpartition(".")
@@ -127,6 +128,8 @@ class _Streamer:
             cut = len(ckpt_key) - len("weight")
             qw = QuantizedWeight.from_state_dict({k[cut:]: reader.read(k) for k in [ckpt_key, *aux]})
             qw = qw.to(self.device)
+        elif name in self.calibrated:
+            qw = self.calibrated.pop(name).to(self.device)
         else:
             w = reader.read(ckpt_key).to(self.device)
             w = w.t() if target.transposed else w
@@ -199,7 +202,9 @@ def load_quantized(
     adapter_name: str = "default",
 ) -> nn.Module:
     """Load an HF checkpoint directory with its linear layers frozen in 4 bits and, if `lora` is given, LoRA
-    adapters on the targeted ones. `dtype` is the compute dtype and the dtype of the unquantized parameters."""
+    adapters on the targeted ones. `dtype` is the compute dtype and the dtype of the unquantized parameters.
+    `quant.scale_search` applies as each weight is quantized; `quant.calibration` first runs the unquantized
+    model over the calibration text (calibrate.py), which holds it in fp32 memory for that while."""
     model_dir = Path(path)
     config = read_config(model_dir, trust_remote_code)
     infos = tensor_index(model_dir)
@@ -214,7 +219,12 @@ def load_quantized(
     if unused:
         log.warning("%s: %d checkpoint tensors are not used by %s (e.g. %s)", model_dir, len(unused),
                     type(model).__name__, unused[0])
-    streamer = _Streamer(model, targets, quant, device, dtype)
+    calibrated = None
+    if quant.calibration is not None and saved_quant is None:
+        from qlora_kit.calibrate import calibrate_checkpoint
+
+        calibrated = calibrate_checkpoint(model_dir, quant, trust_remote_code)
+    streamer = _Streamer(model, targets, quant, device, dtype, calibrated)
     with TensorReader(infos) as reader:
         for ckpt_key in iter_by_file(infos):
             key = keys.get(ckpt_key)

@@ -38,6 +38,13 @@ class QuantConfig:
     """Quantize the per-block absmax values again to 8 bits in blocks of 256 (saves ~0.37 bits/param)."""
     blocksize: int = 64
     """Elements that share one absmax; a power of two from 32 to 4096."""
+    scale_search: bool = False
+    """Choose each block's absmax to minimise its reconstruction error instead of taking the raw max (same
+    format, read unchanged by bitsandbytes; see quant_search.py). Off: bit-identical to bitsandbytes."""
+    calibration: str | None = None
+    """A text / JSONL file whose first few thousand tokens drive GPTQ-style error-compensating rounding of the
+    codes (calibrate.py), same format again. Applied where whole models are quantized (loading, `quantize`); a
+    lone weight has no inputs, so `QuantizedWeight.quantize` ignores it."""
 
     def __post_init__(self) -> None:
         if self.type not in QUANT_TYPES:
@@ -46,6 +53,10 @@ class QuantConfig:
             raise ConfigError(f"quant.double_quant must be true or false, got {self.double_quant!r}")
         if self.blocksize not in BLOCKSIZES:
             raise ConfigError(f"quant.blocksize must be a power of two in 32..4096, got {self.blocksize!r}")
+        if not isinstance(self.scale_search, bool):
+            raise ConfigError(f"quant.scale_search must be true or false, got {self.scale_search!r}")
+        if self.calibration is not None and not (isinstance(self.calibration, str) and self.calibration):
+            raise ConfigError(f"quant.calibration must be a file path, got {self.calibration!r}")
 
     def __str__(self) -> str:
         """The layout in one word, as every message and report writes it: "nf4+dq/64", "fp4/128"."""
@@ -105,6 +116,8 @@ class QuantizedWeight:
         """Quantize `weight` (bf16/fp16/fp32) exactly as bitsandbytes' quantize_4bit would."""
         if weight.dtype not in FLOAT_DTYPES:
             raise ValueError(f"can only quantize bf16/fp16/fp32 tensors, got {weight.dtype}")
+        if config.scale_search:
+            return cls._searched(weight, config)
         if weight.device.type == "cpu":
             packed, absmax = _native.quantize_4bit(weight, config.blocksize, config.type)
         else:
@@ -115,6 +128,18 @@ class QuantizedWeight:
             packed = packed.reshape(-1)
         qw = cls(packed, absmax, weight.shape, weight.dtype, config.blocksize, config.type)
         return qw._nest() if config.double_quant else qw
+
+    @classmethod
+    def _searched(cls, weight: torch.Tensor, config: QuantConfig) -> QuantizedWeight:
+        """Scale search runs on CPU (one weight at a time: the loader streams), whatever the weight's device."""
+        from qlora_kit.quant_search import search_quantize
+
+        packed, absmax, nested_absmax, nested_code, offset = search_quantize(
+            weight.detach().cpu(), config.blocksize, config.type, config.double_quant
+        )
+        qw = cls(packed, absmax, weight.shape, weight.dtype, config.blocksize, config.type,
+                 nested_absmax, nested_code, offset)
+        return qw.to(weight.device)
 
     def _nest(self) -> QuantizedWeight:
         # bitsandbytes centres the absmax values on their mean before the 8-bit stage; same torch ops, same bits.

@@ -1,0 +1,130 @@
+"""Scale search: never worse than bitsandbytes' raw absmax on any block, same format, read by bitsandbytes."""
+
+import pytest
+import torch
+from bitsandbytes import functional as bnbf
+from transformers import AutoModelForCausalLM
+
+from qlora_kit import _native, codes, quant_search
+from qlora_kit.cli import main
+from qlora_kit.config import load_recipe
+from qlora_kit.errors import ConfigError
+from qlora_kit.loader import load_quantized
+from qlora_kit.quant import QuantConfig, QuantizedWeight
+
+SHAPES = [(64, 64), (96, 33), (3, 7), (300, 129), (1024, 70)]
+
+
+def heavy_tailed(shape, dtype=torch.bfloat16, seed=0):
+    """Student-t(4) values, as real LLM weights are: a few large entries per block decide its raw absmax."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(shape, generator=g)
+    chi = torch.randn((4, *shape), generator=g).pow(2).sum(0) / 4
+    return (0.02 * z / chi.sqrt()).to(dtype)
+
+
+def block_errors(qw: QuantizedWeight, w: torch.Tensor) -> torch.Tensor:
+    """Squared reconstruction error of each block, in double, from the values a reader decodes."""
+    d = (qw.dequantize(torch.float32).double() - w.double()).reshape(-1)
+    nblocks = -(-d.numel() // qw.blocksize)
+    return torch.nn.functional.pad(d, (0, nblocks * qw.blocksize - d.numel())).view(nblocks, -1).pow(2).sum(1)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("blocksize", [64, 256])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_never_worse_than_the_raw_absmax_on_any_block(shape, blocksize, quant_type, double_quant):
+    w = heavy_tailed(shape, seed=hash((shape, blocksize)) % 1000)
+    plain = QuantizedWeight.quantize(w, QuantConfig(quant_type, double_quant, blocksize))
+    searched = QuantizedWeight.quantize(w, QuantConfig(quant_type, double_quant, blocksize, scale_search=True))
+    e_plain, e_search = block_errors(plain, w), block_errors(searched, w)
+    # the kernel compares candidates by float-lane sums: a tie within float rounding may go either way
+    assert (e_search <= e_plain * (1 + 1e-5) + 1e-30).all()
+    if w.numel() >= 4096:
+        assert e_search.sum() < 0.95 * e_plain.sum()
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_format_unchanged(double_quant):
+    w = heavy_tailed((128, 192))
+    plain = QuantizedWeight.quantize(w, QuantConfig(double_quant=double_quant))
+    searched = QuantizedWeight.quantize(w, QuantConfig(double_quant=double_quant, scale_search=True))
+    assert searched.bits_per_param() == plain.bits_per_param()
+    assert {k: (v.shape, v.dtype) for k, v in searched.state_dict().items()} == \
+        {k: (v.shape, v.dtype) for k, v in plain.state_dict().items()}
+    if double_quant:  # the nested state stays bitsandbytes': only the 8-bit level of each block moves
+        assert torch.equal(searched.nested_absmax, plain.nested_absmax) and torch.equal(searched.offset, plain.offset)
+        assert (searched.absmax_fp32() <= plain.absmax_fp32() * 1.05).all()
+    else:
+        assert (searched.absmax <= plain.absmax).all() and (searched.absmax < plain.absmax).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_bitsandbytes_result_is_the_first_candidate(dtype, quant_type):
+    """With no grid and no Lloyd step the kernel returns bitsandbytes' bits: this pins its rounding helpers."""
+    w = heavy_tailed((300, 129), dtype)
+    absmax = quant_search.block_absmax(w, 64)
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type=quant_type, compress_statistics=True)
+    assert torch.equal(absmax, _native.quantize_4bit(w, 64, quant_type)[1])
+    code8 = codes.dynamic_map()
+    qabs, nabs = _native.quantize_blockwise(absmax - absmax.mean(), code8, 256)
+    levels = quant_search.nested_levels(nabs, code8, absmax.mean())
+    got, _, index = quant_search.search(w, 64, quant_type, absmax, levels, qabs, grid=torch.empty(0), steps=0)
+    assert torch.equal(got, packed.reshape(-1)) and torch.equal(index, state.absmax)
+    got, scale, _ = quant_search.search(w, 64, quant_type, absmax, grid=torch.empty(0), steps=0)
+    assert torch.equal(got, _native.quantize_4bit(w, 64, quant_type)[0]) and torch.equal(scale, absmax)
+
+
+@pytest.mark.skipif(not quant_search.HAVE_NATIVE, reason="native scale-search kernel not built")
+@pytest.mark.parametrize("dtype, quant_type, double_quant", [
+    (torch.bfloat16, "nf4", True), (torch.bfloat16, "fp4", False), (torch.float32, "nf4", False),
+    (torch.float16, "fp4", True),
+])
+def test_native_equals_torch_fallback(dtype, quant_type, double_quant, monkeypatch):
+    w = heavy_tailed((129, 80), dtype, seed=3)  # a tail block and an odd element count
+    cfg = QuantConfig(quant_type, double_quant, 64, scale_search=True)
+    native = QuantizedWeight.quantize(w, cfg)
+    monkeypatch.setattr(quant_search, "_LIB", None)
+    torch_path = QuantizedWeight.quantize(w, cfg)
+    assert torch.equal(native.packed, torch_path.packed) and torch.equal(native.absmax, torch_path.absmax)
+
+
+def test_config():
+    assert QuantConfig("nf4", True, 64) == QuantConfig()  # positional construction still works
+    assert not QuantConfig().scale_search
+    with pytest.raises(ConfigError, match="scale_search"):
+        QuantConfig(scale_search="yes")
+    with pytest.raises(ConfigError, match="calibration"):
+        QuantConfig(calibration="")
+
+
+def test_recipe_and_loader(tmp_path, llama_dir):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {llama_dir}\ndataset: {{path: d.jsonl}}\nquant: {{scale_search: true, "
+                      "calibration: calib.txt}\n")
+    quant = load_recipe(recipe).quant
+    assert quant.scale_search and quant.calibration == str(tmp_path / "calib.txt")
+    w = AutoModelForCausalLM.from_pretrained(llama_dir).model.layers[0].mlp.up_proj.weight.detach()
+    layer = load_quantized(llama_dir, quant=QuantConfig(scale_search=True)).model.layers[0].mlp.up_proj
+    expected = QuantizedWeight.quantize(w, QuantConfig(scale_search=True))
+    assert torch.equal(layer.qweight.packed, expected.packed) and torch.equal(layer.qweight.absmax, expected.absmax)
+
+
+def test_quantize_scale_search_checkpoint_bitsandbytes_reads_unchanged(tmp_path, llama_dir):
+    out = tmp_path / "q"
+    assert main(["quantize", str(llama_dir), str(out), "--scale-search"]) == 0
+    ours = load_quantized(out)
+    peer = AutoModelForCausalLM.from_pretrained(out)
+    plain = load_quantized(llama_dir)
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        layer = peer.get_submodule(name)
+        assert type(layer).__name__ == "Linear4bit"
+        theirs = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+        mine = ours.get_submodule(name).qweight.dequantize()
+        assert torch.equal(theirs, mine)
+        assert not torch.equal(mine, plain.get_submodule(name).qweight.dequantize())
+    x = torch.randint(0, 128, (1, 6))
+    with torch.no_grad():  # train(): as tests/test_cli.py, bitsandbytes' CPU inference kernels stay out of it
+        torch.testing.assert_close(peer.train()(x).logits, ours.train()(x).logits, atol=2e-2, rtol=1e-2)
