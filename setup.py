@@ -1,8 +1,9 @@
 """Build hook: the package itself is declared in pyproject.toml; native kernels are added here.
 
-`qlora_kit._quant4` is a plain C library (no Python API) that qlora_kit/_native.py loads with ctypes. It is
-optional: without a working C compiler with OpenMP the package still installs, with a warning, and
-quantizes on the torch path instead -- same bits, slower.
+`qlora_kit._quant4` (quantize / dequantize) and `qlora_kit._gemv4` (the 4-bit decode matmul) are plain C
+libraries (no Python API) that qlora_kit/_native.py loads with ctypes. They are optional: without a working C
+compiler with OpenMP the package still installs, with a warning, and runs the torch paths instead -- the same
+bits for quantize / dequantize, slower; decode dequantizes W per token.
 """
 
 import warnings
@@ -18,6 +19,15 @@ _CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-fast-math", "-std=gnu11
 _QUANT4 = Extension(
     "qlora_kit._quant4",
     sources=["qlora_kit/csrc/quant4.c"],
+    extra_compile_args=_CFLAGS,
+    extra_link_args=["-fopenmp"],
+)
+
+
+# The decode kernel (csrc/gemv4.c): its own library, loaded the same way, so either can be rebuilt alone.
+_GEMV4 = Extension(
+    "qlora_kit._gemv4",
+    sources=["qlora_kit/csrc/gemv4.c"],
     extra_compile_args=_CFLAGS,
     extra_link_args=["-fopenmp"],
 )
@@ -47,4 +57,4 @@ def _skip(err: Exception) -> None:
     warnings.warn(f"qlora_kit: native 4-bit kernels not built ({err}); using the slower torch path", stacklevel=2)
 
 
-setup(ext_modules=[_QUANT4], cmdclass={"build_ext": OptionalBuildExt})
+setup(ext_modules=[_QUANT4, _GEMV4], cmdclass={"build_ext": OptionalBuildExt})

@@ -268,3 +268,74 @@ def _torch_dequantize8(
     values = torch.nn.functional.pad(code[codes.reshape(-1).long()], (0, nblocks * blocksize - n))
     out = values.view(nblocks, blocksize) * absmax[:nblocks].view(-1, 1) + offset
     return out.reshape(-1)[:n].reshape(codes.shape)
+
+
+# ---- 4-bit matmul for a few rows: the decode path (csrc/gemv4.c) ----
+#
+# y = x Wᵀ (+ bias) straight from the packed codes, never building W. Each weight is the value dequantize_4bit
+# gives in x's dtype; only the fp32 summation order differs from F.linear(x, dequantize(W)): see gemv4.c.
+
+GEMV_MAX_ROWS = 16  # rows of x per call: the kernel keeps one accumulator per row in registers
+GEMV_CHUNK = 32  # in_features and the blocksize must be multiples of it
+
+
+def _load_gemv() -> ctypes.CDLL | None:
+    spec = importlib.util.find_spec(f"{__package__}._gemv4")
+    if spec is None or not spec.origin:
+        return None
+    ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    try:
+        lib = ctypes.CDLL(spec.origin)
+        lib.g4_gemm.argtypes = [ptr, i64, i64, i32, ptr, ptr, ptr, ptr, ptr, ctypes.c_float, ptr, i64, i64, ptr,
+                                ptr, i32, i32]
+        lib.g4_isa.argtypes = []
+    except (OSError, AttributeError):
+        return None
+    lib.g4_gemm.restype = lib.g4_isa.restype = i32
+    return lib
+
+
+_GEMV = _load_gemv()
+HAVE_GEMV: bool = _GEMV is not None
+GEMV_ISA: int = _GEMV.g4_isa() if _GEMV is not None else -1
+"""The decode kernel this machine runs: 2 AVX-512, 1 AVX2 + FMA, 0 portable C, -1 not built."""
+
+
+def gemv_supported(x: torch.Tensor, in_features: int, blocksize: int) -> bool:
+    """Whether `gemm_4bit` takes x: a CPU tensor of at most GEMV_MAX_ROWS rows whose width and blocksize the
+    kernel's 32-element chunks tile."""
+    return (
+        HAVE_GEMV and x.device.type == "cpu" and x.dtype in _DTYPE_CODES
+        and 0 < x.numel() <= GEMV_MAX_ROWS * in_features
+        and in_features % GEMV_CHUNK == 0 and blocksize % GEMV_CHUNK == 0
+    )
+
+
+def gemm_4bit(
+    x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
+    out_features: int, bias: torch.Tensor | None = None, nested: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+    isa: int = 2,
+) -> torch.Tensor:
+    """x[..., k] @ Wᵀ + bias in x's dtype, W (out_features x k) in the 4-bit layout. `absmax` is fp32 per block, or
+    with `nested` = (nested_absmax, nested_code, offset) the 8-bit codes of double quantization, undone in the
+    kernel. `isa` caps the kernel used (tests compare them). Only for inputs `gemv_supported` accepts."""
+    k = x.shape[-1]
+    x2 = x.detach().reshape(-1, k).contiguous()
+    m, dtype = x2.shape[0], x.dtype
+    bias_c = None if bias is None else bias.detach().to(dtype).contiguous()
+    y = torch.empty(m, out_features, dtype=dtype)
+    if nested is None:
+        am, qam, nam, ncode, off = absmax.detach().float().contiguous(), None, None, None, 0.0
+    else:
+        am, qam = None, absmax.detach().contiguous().view(torch.uint8)
+        nam, ncode = nested[0].detach().float().contiguous(), nested[1].detach().float().contiguous()
+        off = float(nested[2])
+    rc = _GEMV.g4_gemm(
+        x2.data_ptr(), m, k, _DTYPE_CODES[dtype], packed.data_ptr(), None if am is None else am.data_ptr(),
+        None if qam is None else qam.data_ptr(), None if nam is None else nam.data_ptr(),
+        None if ncode is None else ncode.data_ptr(), off, _tables(quant_type)[2].data_ptr(), out_features, blocksize,
+        None if bias_c is None else bias_c.data_ptr(), y.data_ptr(), isa, torch.get_num_threads(),
+    )
+    if rc:
+        raise RuntimeError(f"g4_gemm rejected its arguments (m={m}, k={k}, n={out_features}, blocksize={blocksize})")
+    return y.reshape(*x.shape[:-1], out_features)

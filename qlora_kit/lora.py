@@ -79,7 +79,14 @@ class _Dequant4bitLinear(torch.autograd.Function):
 
 
 def linear_4bit(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Frozen 4-bit linear in x's dtype; saves only the 4-bit weight for backward."""
+    """Frozen 4-bit linear in x's dtype; saves only the 4-bit weight for backward.
+
+    When no gradient can flow and x is a few rows (decode: tokens, not sequences), W is never built: the 4-bit
+    kernel multiplies straight from the codes (`QuantizedWeight.decode_matmul`)."""
+    if not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))):
+        y = qweight.decode_matmul(x, bias)
+        if y is not None:
+            return y
     return _Dequant4bitLinear.apply(x, qweight, bias)
 
 

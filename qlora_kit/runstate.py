@@ -60,6 +60,8 @@ def save_checkpoint(trainer: Trainer, keep: int) -> Path:
             "data": trainer.batches.state_dict(),
             "total_steps": trainer.total_steps,
         }
+        if trainer.scaler is not None:
+            state["scaler"] = trainer.scaler.state_dict()
         (tmp / STATE).write_text(json.dumps(state, indent=1) + "\n")
     _rotate(trainer.out, keep)
     _clean_partials(trainer.out)
@@ -109,6 +111,8 @@ def resume(trainer: Trainer) -> int | None:
     trainer.optimizer.load_state_dict(optim_state)
     trainer.scheduler.load_state_dict(state["scheduler"])
     trainer.batches.load_state_dict(state["data"])
+    if trainer.scaler is not None and "scaler" in state:
+        trainer.scaler.load_state_dict(state["scaler"])
     for key, value in state["counters"].items():
         setattr(trainer.counters, key, value)
     rng = load_file(str(d / "rng.safetensors"))

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from qlora_kit import runstate
@@ -30,6 +29,7 @@ from qlora_kit.data import IGNORE_INDEX, build_datasets, ensure_pad_token
 from qlora_kit.errors import CheckpointError, QloraKitError
 from qlora_kit.loader import load_quantized, read_config
 from qlora_kit.lora import lora_parameters
+from qlora_kit.loss import token_loss_sum
 from qlora_kit.metrics import MetricsLog
 from qlora_kit.optim import make_optimizer, make_scheduler
 from qlora_kit.device import load_tokenizer, resolve_device, resolve_dtype
@@ -61,17 +61,6 @@ class TrainResult:
     eval_loss_after: float | None
     resumed_from: int | None
     interrupted: bool = False
-
-
-def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over trained positions, and how many positions that was."""
-    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-    logits = model(**inputs, use_cache=False).logits
-    labels = batch["labels"][:, 1:]
-    loss = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return loss, int((labels != IGNORE_INDEX).sum())
 
 
 def real_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -151,6 +140,17 @@ class Trainer:
         warmup = recipe.warmup_steps or int(recipe.warmup_ratio * self.total_steps)
         self.scheduler = make_scheduler(self.optimizer, recipe.lr_scheduler, warmup, self.total_steps)
         self.counters = Counters()
+        self.scaler = self._loss_scaler()
+
+    def _loss_scaler(self) -> torch.amp.GradScaler | None:
+        """fp16 gradients underflow without loss scaling (bf16 has fp32's range and needs none): dynamic scaling,
+        as torch.amp does it -- steps whose gradients overflow are skipped and the scale is lowered."""
+        if self.dtype != torch.float16:
+            return None
+        scaler = torch.amp.GradScaler(self.device.type)
+        tqdm.write(f"compute_dtype float16: dynamic loss scaling (torch.amp.GradScaler, initial scale "
+                   f"{scaler.get_scale():g}); overflowing steps are skipped", file=sys.stderr)
+        return scaler
 
     def autocast(self):
         enabled = self.dtype != torch.float32
@@ -170,12 +170,17 @@ class Trainer:
         for batch in micro:
             with self.autocast():
                 loss, _ = token_loss_sum(self.model, {k: v.to(self.device) for k, v in batch.items()})
-            (loss / max(n_target, 1)).backward()
+            scaled = loss / max(n_target, 1)
+            (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
             total += loss.item()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         params = list(self.params.values())
         max_norm = self.recipe.max_grad_norm or float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         step = self.counters.step + 1
+        if self.scaler is not None and math.isfinite(total) and not math.isfinite(grad_norm):
+            return self._overflow(step)
         if not (math.isfinite(total) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             if self.recipe.on_nonfinite == "stop":
@@ -187,10 +192,24 @@ class Trainer:
             log.warning("step %d: non-finite loss or gradient; step skipped", step)
             self.scheduler.step()
             return None
-        self.optimizer.step()
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total / max(n_target, 1), grad_norm, sum(real_tokens(b) for b in micro)
+
+    def _overflow(self, step: int) -> None:
+        """An fp16 step whose scaled gradients overflowed: the scaler skips it and lowers the scale."""
+        self.scaler.step(self.optimizer)  # sees the inf it recorded in unscale_ and does not step
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        log.warning("step %d: fp16 gradients overflowed; step skipped, loss scale now %g", step,
+                    self.scaler.get_scale())
+        return None
 
     def _save(self) -> None:
         runstate.save_checkpoint(self, self.recipe.save_total_limit)
@@ -243,6 +262,8 @@ class Trainer:
                         rec = {"step": c.step, "loss": sum(window) / len(window), "lr": lr, "grad_norm": grad_norm,
                                "tokens_seen": c.tokens_seen, "elapsed_s": round(c.elapsed_s, 3),
                                "tokens_per_s": round(c.tokens_seen / max(c.elapsed_s, 1e-9), 1)}
+                        if self.scaler is not None:
+                            rec["loss_scale"] = self.scaler.get_scale()
                         metrics.write(rec)
                         bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=rec["tokens_per_s"])
                         c.loss_window = []
