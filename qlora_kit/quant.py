@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 
 import torch
@@ -101,6 +101,7 @@ class QuantizedWeight:
     nested_absmax: torch.Tensor | None = None
     nested_code: torch.Tensor | None = None
     offset: torch.Tensor | None = None
+    _gemv: tuple | None = field(default=None, repr=False, compare=False)  # see gemv_args
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, config: QuantConfig = QuantConfig()) -> QuantizedWeight:
@@ -174,20 +175,29 @@ class QuantizedWeight:
             self.packed, absmax, self.blocksize, self.quant_type, list(self.shape), dtype
         )
 
-    def decode_matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    def gemv_args(self) -> _native.GemvWeight:
+        """This weight's arguments for the CPU decode kernel, built on first use and kept while the tensors are
+        the same ones (a weight whose tensors are replaced gets new ones)."""
+        cached = self._gemv
+        if cached is None or cached[0] is not self.packed or cached[1] is not self.absmax:
+            nested = None if self.nested_absmax is None else (self.nested_absmax, self.nested_code, self.offset)
+            args = _native.gemv_weight(self.packed, self.absmax, self.blocksize, self.quant_type, self.shape[0], nested)
+            self._gemv = cached = (self.packed, self.absmax, args)
+        return cached[2]
+
+    def decode_matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None, adapters=None) -> torch.Tensor | None:
         """x Wᵀ + bias without building W, for the few rows of a decode step; None where no such kernel applies
-        (then dequantize and matmul). CPU: the kit's kernel (`_native.gemm_4bit`, up to GEMV_MAX_ROWS rows);
-        CUDA: bitsandbytes' gemv_4bit, for one row, as its own matmul_4bit picks it. Not differentiable: for
+        (then dequantize and matmul). CPU: the kit's kernel (`_native.gemm_4bit`, up to GEMV_MAX_ROWS rows), which
+        also adds LoRA deltas given as `adapters` = (factors, row_adapter), see gemm_4bit; CUDA: bitsandbytes'
+        gemv_4bit, for one row, as its own matmul_4bit picks it (no `adapters`). Not differentiable: for
         inference only. Each weight is the value `dequantize(x.dtype)` gives; only the order of the fp32
         additions differs from F.linear(x, W) (CPU: within one output ulp plus k·2⁻²⁴·Σ|x||w|, see gemv4.c)."""
         k = self.shape[-1]
         if self.device.type == "cpu":
             if not _native.gemv_supported(x, k, self.blocksize):
                 return None
-            nested = None if self.nested_absmax is None else (self.nested_absmax, self.nested_code, self.offset)
-            return _native.gemm_4bit(x, self.packed, self.absmax, self.blocksize, self.quant_type, self.shape[0],
-                                     bias, nested)
-        if self.device.type != "cuda" or x.numel() != k or k % self.blocksize or x.dtype not in FLOAT_DTYPES:
+            return _native.gemm_4bit(x, self.gemv_args(), bias, *(adapters or ()))
+        if self.device.type != "cuda" or adapters or x.numel() != k or k % self.blocksize or x.dtype not in FLOAT_DTYPES:
             return None
         _bnb()
         y = torch.ops.bitsandbytes.gemv_4bit.default(

@@ -35,8 +35,7 @@ def _case(n, k, m, dtype, config, bias, seed=0, integer_x=False):
 
 
 def _decode(qw, x, b, isa):
-    nested = None if qw.nested_absmax is None else (qw.nested_absmax, qw.nested_code, qw.offset)
-    return _native.gemm_4bit(x, qw.packed, qw.absmax, qw.blocksize, qw.quant_type, qw.shape[0], b, nested, isa)
+    return _native.gemm_4bit(x, qw.gemv_args(), b, isa=isa)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -68,7 +67,7 @@ def test_decode_matmul_bit_for_bit_when_sums_are_exact(isa, dtype):
     # small-integer x times weights with an 8/11-bit mantissa: every fp32 partial sum is exact in any order
     qw, x, _ = _case(48, 128, 4, dtype, QuantConfig("nf4", True, 64), False, integer_x=True)
     qw.nested_absmax = None  # plain fp32 absmax of exactly 1: weights are the code levels themselves
-    qw.absmax = torch.ones(qw.absmax.numel())
+    qw.absmax = torch.ones(qw.absmax.numel())  # new tensors: gemv_args rebuilds its cached arguments
     assert torch.equal(_decode(qw, x, None, isa), F.linear(x, qw.dequantize(dtype)))
 
 
@@ -93,6 +92,28 @@ def test_linear_4bit_decodes_without_grad_and_keeps_autograd_with_it(monkeypatch
     assert calls == [1] and xg.grad is not None  # the training path never takes the kernel
     scale = F.linear(x.double().abs(), qw.dequantize(torch.bfloat16).double().abs()) + b.double().abs()
     assert bool(((fast.double() - slow.double()).abs() <= _ulp(slow.double(), torch.bfloat16) + 2**-18 * scale).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_lora_decode_equals_the_unfused_path(dtype):
+    """Base matmul plus each row's LoRA delta in one call (QLinear._decode) against QLinear's own unfused path
+    (the same kernel for the base, torch for the adapters): the same roundings, sums in another order."""
+    torch.manual_seed(0)
+    qw, _, b = _case(160, 128, 1, dtype, QuantConfig(), True)
+    layer = QLinear(qw, b, compute_dtype=dtype)
+    for name in ("a", "b"):
+        layer.add_adapter(name, LoraConfig(r=8, alpha=16))
+        torch.nn.init.normal_(layer.lora_B[name].weight, std=0.5)
+    x = torch.randn(5, 2, 128).to(dtype)  # five sequences of two tokens
+    layer.row_groups = {"a": torch.tensor([0, 3]), "b": torch.tensor([1])}
+    with torch.no_grad():
+        fused = layer(x)
+        layer._decode = lambda x: None  # the unfused path, as before the fusion
+        unfused = layer(x)
+    assert fused.dtype == dtype
+    tol = 2**-7 if dtype == torch.bfloat16 else 1e-5
+    assert torch.allclose(fused.float(), unfused.float(), rtol=tol, atol=tol)
+    assert torch.equal(fused[[2, 4]], unfused[[2, 4]])  # rows without an adapter: the same kernel call
 
 
 def test_qlinear_decode_with_adapters_matches_the_prefill_path():

@@ -73,3 +73,23 @@ def test_chunked_cross_entropy_saves_the_low_precision_logits():
     ref = logits.detach().clone().requires_grad_(True)
     F.cross_entropy(ref.float(), targets, reduction="sum").backward()
     assert torch.equal(logits.grad, ref.grad)
+
+
+def test_lora_input_skips_the_fp32_round_trip_bit_for_bit():
+    """Under autocast the adapter's fp32 input would be cast straight back to bf16: skipping it changes nothing."""
+    from qlora_kit.lora import QLinear
+    from qlora_kit.quant import QuantizedWeight
+
+    torch.manual_seed(0)
+    layer = QLinear(QuantizedWeight.quantize(torch.randn(64, 96, dtype=torch.bfloat16)))
+    layer.add_adapter("a", LoraConfig(r=4))
+    torch.nn.init.normal_(layer.lora_B["a"].weight)
+    x = torch.randn(2, 5, 96, dtype=torch.bfloat16, requires_grad=True)
+    a, b = layer.lora_A["a"], layer.lora_B["a"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = layer.lora_delta(x, "a")
+        ref = b(a(x.to(torch.float32))) * layer.scaling["a"]
+    assert fast.dtype == ref.dtype and torch.equal(fast, ref)
+    (g_fast,) = torch.autograd.grad(fast.sum(), a.weight)
+    (g_ref,) = torch.autograd.grad(ref.sum(), a.weight)
+    assert torch.equal(g_fast, g_ref)

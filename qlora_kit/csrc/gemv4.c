@@ -288,26 +288,63 @@ int g4_isa(void) {
     return 0;
 }
 
-/* y[m, n] = x[m, k] W^T + bias, in `dtype` (0 fp32, 1 bf16, 2 fp16; x, bias and y share it). W is n x k in the
- * bitsandbytes 4-bit layout: `absmax` fp32 per block, or (absmax NULL) double quantization given by qabsmax,
- * nested_absmax, nested_code and offset. `isa` caps the kernel (2 AVX-512, 1 AVX2, 0 C; tests compare them).
- * Returns 0, or -1 for arguments outside what the kernel handles (the caller then takes the dequantize path). */
+/* LoRA adapters fused into the same pass: row r of x uses adapter row_adapter[r] (-1: none), whose fp32 factors
+ * are A (rank x k) and B (n x rank), scaled by `scale`. Each adds what QLinear's unfused path adds: the delta
+ * scale * B (A x) in fp32, rounded to the output dtype, added to the rounded base output and rounded again. */
+typedef struct {
+    const float *const *a, *const *b;
+    const int64_t *rank;
+    const float *scale;
+    const int32_t *row_adapter; /* NULL: no adapters */
+} g4_lora;
+
+enum { G4_MAX_RANK = 256 };
+
+static float lora_delta(const g4_lora *l, const float *u, int32_t ad, int64_t j) {
+    const float *bj = l->b[ad] + j * l->rank[ad];
+    float d = 0.0f;
+    for (int64_t i = 0; i < l->rank[ad]; i++) d += u[i] * bj[i];
+    return d * l->scale[ad];
+}
+
+/* y[m, n] = x[m, k] W^T + bias (+ the rows' LoRA deltas), in `dtype` (0 fp32, 1 bf16, 2 fp16; x, bias and y share
+ * it). W is n x k in the bitsandbytes 4-bit layout: `absmax` fp32 per block, or (absmax NULL) double quantization
+ * given by qabsmax, nested_absmax, nested_code and offset. Adapters: n_adapters entries of lora_a / lora_b /
+ * lora_rank / lora_scale, and row_adapter[m] (NULL when n_adapters is 0). `isa` caps the kernel (2 AVX-512,
+ * 1 AVX2, 0 C; tests compare them). Returns 0, or -1 for arguments outside what the kernel handles (the caller
+ * then takes the dequantize path). */
 int g4_gemm(const void *x, int64_t m, int64_t k, int dtype, const uint8_t *packed, const float *absmax,
             const uint8_t *qabsmax, const float *nested_absmax, const float *nested_code, float offset,
-            const float *code, int64_t n, int64_t blocksize, const void *bias, void *y, int isa, int nthreads) {
+            const float *code, int64_t n, int64_t blocksize, const void *bias, int n_adapters,
+            const float *const *lora_a, const float *const *lora_b, const int64_t *lora_rank,
+            const float *lora_scale, const int32_t *row_adapter, void *y, int isa, int nthreads) {
     if (m < 1 || m > G4_MAX_ROWS || k <= 0 || k % G4_CHUNK || n <= 0 || blocksize <= 0 || blocksize % G4_CHUNK)
         return -1;
     if (dtype != G4_F32 && dtype != G4_BF16 && dtype != G4_F16) return -1;
     if (!absmax && !(qabsmax && nested_absmax && nested_code)) return -1;
-    float *xs = malloc((size_t)(m * k) * sizeof *xs);
+    for (int a = 0; a < n_adapters; a++)
+        if (lora_rank[a] < 1 || lora_rank[a] > G4_MAX_RANK) return -1;
+    for (int64_t r = 0; n_adapters && r < m; r++)
+        if (row_adapter[r] >= n_adapters) return -1;
+    float *xs = malloc((size_t)(m * k + m * G4_MAX_RANK) * sizeof *xs);
     if (!xs) return -1;
-    for (int64_t r = 0; r < m; r++) /* fp32, each chunk's even elements first, then its odd ones */
+    float *u = xs + m * k; /* per row: A x, the adapter's rank values */
+    for (int64_t r = 0; r < m; r++) { /* fp32, each chunk's even elements first, then its odd ones */
         for (int64_t c = 0; c < k; c += G4_CHUNK)
             for (int i = 0; i < G4_CHUNK / 2; i++) {
                 xs[r * k + c + i] = load_f32(x, dtype, r * k + c + 2 * i);
                 xs[r * k + c + 16 + i] = load_f32(x, dtype, r * k + c + 2 * i + 1);
             }
+        const int32_t ad = n_adapters ? row_adapter[r] : -1;
+        for (int64_t i = 0; ad >= 0 && i < lora_rank[ad]; i++) {
+            const float *ai = lora_a[ad] + i * k;
+            float d = 0.0f;
+            for (int64_t c = 0; c < k; c++) d += load_f32(x, dtype, r * k + c) * ai[c];
+            u[r * G4_MAX_RANK + i] = d;
+        }
+    }
     const g4_weight w = {packed, absmax, qabsmax, nested_absmax, nested_code, offset, code, n, k, blocksize, dtype};
+    const g4_lora lora = {lora_a, lora_b, lora_rank, lora_scale, n_adapters ? row_adapter : NULL};
     const row_fn row = pick(isa);
     int64_t nw = n * k / G4_MIN_PER_THREAD;
     nw = nw < nthreads ? nw : nthreads;
@@ -316,8 +353,12 @@ int g4_gemm(const void *x, int64_t m, int64_t k, int dtype, const uint8_t *packe
     for (int64_t j = 0; j < n; j++) {
         float acc[G4_MAX_ROWS] = {0};
         row(&w, j, xs, m, acc);
-        for (int64_t r = 0; r < m; r++)
-            store(y, dtype, r * n + j, bias ? acc[r] + load_f32(bias, dtype, j) : acc[r]);
+        for (int64_t r = 0; r < m; r++) {
+            float v = as_dtype(bias ? acc[r] + load_f32(bias, dtype, j) : acc[r], dtype);
+            const int32_t ad = lora.row_adapter ? lora.row_adapter[r] : -1;
+            if (ad >= 0) v += as_dtype(lora_delta(&lora, u + r * G4_MAX_RANK, ad, j), dtype);
+            store(y, dtype, r * n + j, v);
+        }
     }
     free(xs);
     return 0;
