@@ -1,8 +1,10 @@
 """Build hook: the package itself is declared in pyproject.toml; native kernels are added here.
 
-`qlora_kit._quant4` (and `qlora_kit._quant_search`) are plain C libraries (no Python API) that qlora_kit/_native.py loads with ctypes. It is
-optional: without a working C compiler with OpenMP the package still installs, with a warning, and
-quantizes on the torch path instead -- same bits, slower.
+`qlora_kit._quant4` (quantize / dequantize), `qlora_kit._quant_search` (scale search) and `qlora_kit._gemv4`
+(the 4-bit decode matmul) are plain C
+libraries (no Python API) that qlora_kit/_native.py loads with ctypes. They are optional: without a working C
+compiler with OpenMP the package still installs, with a warning, and runs the torch paths instead -- the same
+bits for quantize / dequantize, slower; decode dequantizes W per token.
 """
 
 import os
@@ -27,6 +29,15 @@ _QUANT4 = Extension(
 _QUANT_SEARCH = Extension(  # scale search (qlora_kit/quant_search.py), the same rounding rules
     "qlora_kit._quant_search",
     sources=["qlora_kit/csrc/quant_search.c"],
+    extra_compile_args=_CFLAGS,
+    extra_link_args=["-fopenmp"],
+)
+
+
+# The decode kernel (csrc/gemv4.c): its own library, loaded the same way, so either can be rebuilt alone.
+_GEMV4 = Extension(
+    "qlora_kit._gemv4",
+    sources=["qlora_kit/csrc/gemv4.c"],
     extra_compile_args=_CFLAGS,
     extra_link_args=["-fopenmp"],
 )
@@ -77,4 +88,4 @@ def _skip(err: Exception) -> None:
     warnings.warn(f"qlora_kit: native 4-bit kernels not built ({err}); using the slower torch path", stacklevel=2)
 
 
-setup(ext_modules=[_QUANT4, _QUANT_SEARCH], cmdclass={"build_ext": OptionalBuildExt})
+setup(ext_modules=[_QUANT4, _QUANT_SEARCH, _GEMV4], cmdclass={"build_ext": OptionalBuildExt})

@@ -22,6 +22,7 @@ import importlib.util
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cache
 
 import torch
@@ -298,3 +299,113 @@ def _torch_dequantize8(
     values = torch.nn.functional.pad(code[codes.reshape(-1).long()], (0, nblocks * blocksize - n))
     out = values.view(nblocks, blocksize) * absmax[:nblocks].view(-1, 1) + offset
     return out.reshape(-1)[:n].reshape(codes.shape)
+
+
+# ---- 4-bit matmul for a few rows: the decode path (csrc/gemv4.c) ----
+#
+# y = x Wᵀ (+ bias) straight from the packed codes, never building W. Each weight is the value dequantize_4bit
+# gives in x's dtype; only the fp32 summation order differs from F.linear(x, dequantize(W)): see gemv4.c.
+
+GEMV_MAX_ROWS = 16  # rows of x per call: the kernel keeps one accumulator per row in registers
+GEMV_CHUNK = 32  # in_features and the blocksize must be multiples of it
+
+
+def _load_gemv() -> ctypes.CDLL | None:
+    spec = importlib.util.find_spec(f"{__package__}._gemv4")
+    if spec is None or not spec.origin:
+        return None
+    ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    try:
+        lib = ctypes.CDLL(spec.origin)
+        lib.g4_gemm.argtypes = [ptr, i64, i64, i32, ptr, ptr, ptr, ptr, ptr, ctypes.c_float, ptr, i64, i64, ptr,
+                                i32, ptr, ptr, ptr, ptr, ptr, ptr, i32, i32]
+        lib.g4_isa.argtypes = []
+    except (OSError, AttributeError):
+        return None
+    lib.g4_gemm.restype = lib.g4_isa.restype = i32
+    return lib
+
+
+_GEMV = _load_gemv()
+HAVE_GEMV: bool = _GEMV is not None
+GEMV_ISA: int = _GEMV.g4_isa() if _GEMV is not None else -1
+"""The decode kernel this machine runs: 2 AVX-512, 1 AVX2 + FMA, 0 portable C, -1 not built."""
+GEMV_MAX_RANK = 256  # LoRA rank the kernel fuses; above it the adapter runs as torch ops
+
+
+def gemv_supported(x: torch.Tensor, in_features: int, blocksize: int) -> bool:
+    """Whether `gemm_4bit` takes x: a CPU tensor of at most GEMV_MAX_ROWS rows whose width and blocksize the
+    kernel's 32-element chunks tile."""
+    return (
+        HAVE_GEMV and x.device.type == "cpu" and x.dtype in _DTYPE_CODES
+        and 0 < x.numel() <= GEMV_MAX_ROWS * in_features
+        and in_features % GEMV_CHUNK == 0 and blocksize % GEMV_CHUNK == 0
+    )
+
+
+@dataclass(frozen=True)
+class GemvWeight:
+    """A 4-bit weight's arguments for the kernel, converted once (not per decode step); `keep` holds the tensors
+    the pointers point into."""
+
+    packed: int
+    absmax: int | None
+    qabsmax: int | None
+    nested_absmax: int | None
+    nested_code: int | None
+    offset: float
+    code: int
+    out_features: int
+    blocksize: int
+    keep: tuple
+
+
+def gemv_weight(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, out_features: int,
+                nested: tuple[torch.Tensor, torch.Tensor, torch.Tensor | float] | None = None) -> GemvWeight:
+    """`absmax` fp32 per block, or with `nested` = (nested_absmax, nested_code, offset) the 8-bit codes of double
+    quantization, undone in the kernel."""
+    packed = packed.detach().contiguous().view(torch.uint8)
+    code = _tables(quant_type)[2]
+    if nested is None:
+        am = absmax.detach().float().contiguous()
+        return GemvWeight(packed.data_ptr(), am.data_ptr(), None, None, None, 0.0, code.data_ptr(), out_features,
+                          blocksize, (packed, am, code))
+    qam = absmax.detach().contiguous().view(torch.uint8)
+    nam, ncode = nested[0].detach().float().contiguous(), nested[1].detach().float().contiguous()
+    return GemvWeight(packed.data_ptr(), None, qam.data_ptr(), nam.data_ptr(), ncode.data_ptr(), float(nested[2]),
+                      code.data_ptr(), out_features, blocksize, (packed, qam, nam, ncode, code))
+
+
+def gemm_4bit(
+    x: torch.Tensor, weight: GemvWeight, bias: torch.Tensor | None = None,
+    adapters: Sequence[tuple[torch.Tensor, torch.Tensor, float]] = (), row_adapter: torch.Tensor | None = None,
+    isa: int = 2,
+) -> torch.Tensor:
+    """x[..., k] @ Wᵀ + bias in x's dtype, W (out_features x k) in the 4-bit layout (`gemv_weight`).
+
+    `adapters`: LoRA factors (A fp32 [r, k], B fp32 [out_features, r], scale); `row_adapter` (int32, one per row
+    of x flattened to [m, k]; -1 none) says which one each row adds, as QLinear adds it. `isa` caps the kernel
+    used (tests compare them). Only for inputs `gemv_supported` accepts."""
+    k = x.shape[-1]
+    x2 = x.detach().reshape(-1, k).contiguous()
+    m, dtype = x2.shape[0], x.dtype
+    bias_c = None if bias is None else bias.detach().to(dtype).contiguous()
+    y = torch.empty(m, weight.out_features, dtype=dtype)
+    n_ad = len(adapters)
+    if n_ad:
+        vp = ctypes.c_void_p * n_ad
+        a_ptrs, b_ptrs = vp(*(a.data_ptr() for a, _, _ in adapters)), vp(*(b.data_ptr() for _, b, _ in adapters))
+        ranks = (ctypes.c_int64 * n_ad)(*(a.shape[0] for a, _, _ in adapters))
+        scales = (ctypes.c_float * n_ad)(*(s for _, _, s in adapters))
+        rows = row_adapter.to(torch.int32).contiguous()
+        lora = (a_ptrs, b_ptrs, ranks, scales, rows.data_ptr())
+    else:
+        lora = (None,) * 5
+    rc = _GEMV.g4_gemm(
+        x2.data_ptr(), m, k, _DTYPE_CODES[dtype], weight.packed, weight.absmax, weight.qabsmax, weight.nested_absmax,
+        weight.nested_code, weight.offset, weight.code, weight.out_features, weight.blocksize,
+        None if bias_c is None else bias_c.data_ptr(), n_ad, *lora, y.data_ptr(), isa, torch.get_num_threads(),
+    )
+    if rc:
+        raise RuntimeError(f"g4_gemm rejected its arguments (m={m}, k={k}, n={weight.out_features})")
+    return y.reshape(*x.shape[:-1], weight.out_features)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qlora_kit import _native
 from qlora_kit.errors import ConfigError
 from qlora_kit.quant import QuantizedWeight
 
@@ -88,7 +89,14 @@ class _Dequant4bitLinear(torch.autograd.Function):
 
 
 def linear_4bit(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Frozen 4-bit linear in x's dtype; saves only the 4-bit weight for backward."""
+    """Frozen 4-bit linear in x's dtype; saves only the 4-bit weight for backward.
+
+    When no gradient can flow and x is a few rows (decode: tokens, not sequences), W is never built: the 4-bit
+    kernel multiplies straight from the codes (`QuantizedWeight.decode_matmul`)."""
+    if not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))):
+        y = qweight.decode_matmul(x, bias)
+        if y is not None:
+            return y
     return _Dequant4bitLinear.apply(x, qweight, bias)
 
 
@@ -189,6 +197,9 @@ class QLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged is not None:
             return F.linear(x.to(self.merged.weight.dtype), self.merged.weight, self._bias(x)).to(x.dtype)
+        fused = self._decode(x)
+        if fused is not None:
+            return fused
         result = linear_4bit(x.to(self.compute_dtype), self.qweight, self._bias(x)).to(x.dtype)
         groups = _ROW_ROUTING.get().get(id(self))
         if groups is not None:
@@ -197,6 +208,30 @@ class QLinear(nn.Module):
         if name is None or name not in self.lora_A:
             return result
         return result + self.lora_delta(x, name).to(result.dtype)
+
+    def _decode(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Inference on a few rows: base matmul and every row's LoRA delta in one native call (decode_matmul),
+        the same sums as the unfused path in another order. None where it does not apply (gradients, dropout
+        in training, adapters not in fp32, x not in the compute dtype): then the unfused path runs."""
+        if torch.is_grad_enabled() or x.dtype != self.compute_dtype or x.device.type != "cpu" or x.dim() < 2:
+            return None
+        routed = _ROW_ROUTING.get().get(id(self))
+        if routed is not None:
+            groups = {n: rows for n, rows in routed.items() if n in self.lora_A}
+        else:
+            name = self.active_adapter
+            groups = {name: None} if name is not None and name in self.lora_A else {}
+        batch_adapter = torch.full((x.shape[0],), -1, dtype=torch.int32)
+        factors = []
+        for i, (name, rows) in enumerate(groups.items()):
+            a, b = self.lora_A[name].weight, self.lora_B[name].weight
+            dropout = self.training and not isinstance(self.lora_dropout[name], nn.Identity)
+            if dropout or a.dtype != torch.float32 or b.dtype != torch.float32 or a.shape[0] > _native.GEMV_MAX_RANK:
+                return None
+            factors.append((a.detach(), b.detach(), self.scaling[name]))
+            batch_adapter[slice(None) if rows is None else rows] = i
+        rows_per_batch_row = x.numel() // (x.shape[0] * x.shape[-1])
+        return self.qweight.decode_matmul(x, self._bias(x), (factors, batch_adapter.repeat_interleave(rows_per_batch_row)))
 
     def _per_row(self, x: torch.Tensor, result: torch.Tensor, groups: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Each batch row gets its own adapter: the base matmul once for all rows, each B·A on its rows only."""
@@ -213,9 +248,17 @@ class QLinear(nn.Module):
         return self.bias.to(dtype)
 
     def lora_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """scale · B(A(dropout(x))) for adapter `name`, in the adapter's dtype (autocast may lower it)."""
+        """scale · B(A(dropout(x))) for adapter `name`, in the adapter's dtype (autocast may lower it).
+
+        Under autocast to x's own dtype without dropout, x goes in as it is: autocast would cast it back from the
+        adapter's dtype anyway, and that round trip is exact, so skipping it changes no bit and saves two copies
+        of the activations per layer (four with recomputation)."""
         a = self.lora_A[name]
-        return self.lora_B[name](a(self.lora_dropout[name](x.to(a.weight.dtype)))) * self.scaling[name]
+        dropout = self.lora_dropout[name]
+        device = x.device.type
+        as_is = isinstance(dropout, nn.Identity) and torch.is_autocast_enabled(device) and \
+            torch.get_autocast_dtype(device) == x.dtype
+        return self.lora_B[name](a(dropout(x if as_is else x.to(a.weight.dtype)))) * self.scaling[name]
 
     def merge(self, name: str | None = None) -> None:
         """Fold adapter `name` (default: the active one) into a dense copy of the dequantized weight."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 
 import torch
@@ -89,6 +89,12 @@ def code_table(quant_type: str, device: torch.device | str = "cpu") -> torch.Ten
 
 
 @cache
+def _device_code(quant_type: str, device: torch.device) -> torch.Tensor:
+    """The 16 levels kept on an accelerator once, not copied there for every decode step."""
+    return code_table(quant_type, device)
+
+
+@cache
 def _bnb():
     """bitsandbytes.functional, imported on first CUDA use only: the import costs ~3 s that CPU work never needs
     (it also registers the torch.ops.bitsandbytes kernels the CUDA paths call)."""
@@ -110,6 +116,7 @@ class QuantizedWeight:
     nested_absmax: torch.Tensor | None = None
     nested_code: torch.Tensor | None = None
     offset: torch.Tensor | None = None
+    _gemv: tuple | None = field(default=None, repr=False, compare=False)  # see gemv_args
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, config: QuantConfig = QuantConfig()) -> QuantizedWeight:
@@ -196,6 +203,37 @@ class QuantizedWeight:
         return torch.ops.bitsandbytes.dequantize_4bit.default(
             self.packed, absmax, self.blocksize, self.quant_type, list(self.shape), dtype
         )
+
+    def gemv_args(self) -> _native.GemvWeight:
+        """This weight's arguments for the CPU decode kernel, built on first use and kept while the tensors are
+        the same ones (a weight whose tensors are replaced gets new ones)."""
+        cached = self._gemv
+        if cached is None or cached[0] is not self.packed or cached[1] is not self.absmax:
+            nested = None if self.nested_absmax is None else (self.nested_absmax, self.nested_code, self.offset)
+            args = _native.gemv_weight(self.packed, self.absmax, self.blocksize, self.quant_type, self.shape[0], nested)
+            self._gemv = cached = (self.packed, self.absmax, args)
+        return cached[2]
+
+    def decode_matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None, adapters=None) -> torch.Tensor | None:
+        """x Wᵀ + bias without building W, for the few rows of a decode step; None where no such kernel applies
+        (then dequantize and matmul). CPU: the kit's kernel (`_native.gemm_4bit`, up to GEMV_MAX_ROWS rows), which
+        also adds LoRA deltas given as `adapters` = (factors, row_adapter), see gemm_4bit; CUDA: bitsandbytes'
+        gemv_4bit, for one row, as its own matmul_4bit picks it (no `adapters`). Not differentiable: for
+        inference only. Each weight is the value `dequantize(x.dtype)` gives; only the order of the fp32
+        additions differs from F.linear(x, W) (CPU: within one output ulp plus k·2⁻²⁴·Σ|x||w|, see gemv4.c)."""
+        k = self.shape[-1]
+        if self.device.type == "cpu":
+            if not _native.gemv_supported(x, k, self.blocksize):
+                return None
+            return _native.gemm_4bit(x, self.gemv_args(), bias, *(adapters or ()))
+        if self.device.type != "cuda" or adapters or x.numel() != k or k % self.blocksize or x.dtype not in FLOAT_DTYPES:
+            return None
+        _bnb()
+        y = torch.ops.bitsandbytes.gemv_4bit.default(
+            x, self.packed, list(self.shape), self.absmax_fp32(), _device_code(self.quant_type, x.device),
+            self.blocksize,
+        )
+        return y if bias is None else y + bias.to(y.dtype)
 
     def to(self, device: torch.device | str) -> QuantizedWeight:
         """A copy on `device`; the codes are moved as they are, never re-quantized."""

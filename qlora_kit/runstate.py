@@ -28,7 +28,7 @@ DIR = "checkpoints"
 STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.pt"
 RNG = "rng.safetensors"
-_JSON_KEYS = ("counters", "scheduler", "data", "total_steps", "world_size", "strategy")
+_JSON_KEYS = ("counters", "scheduler", "data", "total_steps", "world_size", "strategy", "scaler")
 
 
 def complete_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
@@ -55,7 +55,7 @@ def save_checkpoint(out_dir: Path, step: int, state: dict[str, Any], keep: int) 
         except RuntimeError as e:  # torch reports a failed write (a full disk) as RuntimeError, not OSError
             raise OSError(f"{OPTIMIZER}: {e}") from e
         save_file(state["rng"], str(tmp / RNG))
-        atomic_write(tmp / STATE, json.dumps({k: state[k] for k in _JSON_KEYS}, indent=1) + "\n")
+        atomic_write(tmp / STATE, json.dumps({k: state[k] for k in _JSON_KEYS if k in state}, indent=1) + "\n")
     _rotate(out_dir, keep)
     _clean_partials(out_dir)
     return target

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from qlora_kit import runstate
@@ -33,6 +32,7 @@ from qlora_kit.distributed import Dist
 from qlora_kit.errors import CheckpointError, QloraKitError
 from qlora_kit.loader import load_quantized, read_config
 from qlora_kit.lora import lora_parameters, quant_state_parameters
+from qlora_kit.loss import token_loss_sum
 from qlora_kit.metrics import MetricsLog
 from qlora_kit.optim import make_optimizer, make_scheduler
 from qlora_kit.device import load_tokenizer, resolve_device, resolve_dtype
@@ -66,17 +66,6 @@ class TrainResult:
     interrupted: bool = False
     main: bool = True
     """Whether this process is rank 0 (the one that wrote the outputs)."""
-
-
-def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over trained positions, and how many positions that was."""
-    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-    logits = model(**inputs, use_cache=False).logits
-    labels = batch["labels"][:, 1:]
-    loss = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return loss, int((labels != IGNORE_INDEX).sum())
 
 
 def real_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -185,6 +174,17 @@ class Trainer:
         warmup = recipe.warmup_steps or int(recipe.warmup_ratio * self.total_steps)
         self.scheduler = make_scheduler(self.optimizer, recipe.lr_scheduler, warmup, self.total_steps)
         self.counters = Counters()
+        self.scaler = self._loss_scaler()
+
+    def _loss_scaler(self) -> torch.amp.GradScaler | None:
+        """fp16 gradients underflow without loss scaling (bf16 has fp32's range and needs none): dynamic scaling,
+        as torch.amp does it -- steps whose gradients overflow are skipped and the scale is lowered."""
+        if self.dtype != torch.float16:
+            return None
+        scaler = torch.amp.GradScaler(self.device.type)
+        tqdm.write(f"compute_dtype float16: dynamic loss scaling (torch.amp.GradScaler, initial scale "
+                   f"{scaler.get_scale():g}); overflowing steps are skipped", file=sys.stderr)
+        return scaler
 
     def autocast(self):
         enabled = self.dtype != torch.float32
@@ -205,13 +205,18 @@ class Trainer:
         for i, batch in enumerate(micro):
             with self.dist.micro_batch(self.net, last=i == len(micro) - 1), self.autocast():
                 loss, _ = token_loss_sum(self.net, {k: v.to(self.device) for k, v in batch.items()})
-            (loss * self.dist.grad_scale / max(n_target, 1)).backward()
+            scaled = loss * self.dist.grad_scale / max(n_target, 1)
+            (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
             total += loss.item()
         (total,) = self.dist.total(total)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         params = list(self.params.values())
         max_norm = self.recipe.max_grad_norm or float("inf")
         grad_norm = self.dist.grad_norm(params, max_norm)
         step = self.counters.step + 1
+        if self.scaler is not None and math.isfinite(total) and not math.isfinite(grad_norm):
+            return self._overflow(step)
         if not (math.isfinite(total) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             if self.recipe.on_nonfinite == "stop":
@@ -223,7 +228,11 @@ class Trainer:
             log.warning("step %d: non-finite loss or gradient; step skipped", step)
             self.scheduler.step()
             return None
-        self.optimizer.step()
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         (tokens,) = self.dist.total(sum(real_tokens(b) for b in micro))
@@ -254,6 +263,7 @@ class Trainer:
             "world_size": self.dist.world,
             "strategy": self.dist.strategy,
             "rng": {_rng_key(k, rank): v for rank, rng in enumerate(rngs) for k, v in rng.items()},
+            **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -272,6 +282,8 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.batches.load_state_dict(state["data"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
         self.counters = Counters(**state["counters"])
         rng, rank = state["rng"], self.dist.rank
         torch.set_rng_state(rng[_rng_key("torch_cpu", rank)])
@@ -296,6 +308,16 @@ class Trainer:
             if ours != theirs:
                 raise CheckpointError(f"was saved with lora.{key}={theirs}, this recipe has lora.{key}={ours}; "
                                       "use a new output_dir or restore the recipe")
+
+    def _overflow(self, step: int) -> None:
+        """An fp16 step whose scaled gradients overflowed: the scaler skips it and lowers the scale."""
+        self.scaler.step(self.optimizer)  # sees the inf it recorded in unscale_ and does not step
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        log.warning("step %d: fp16 gradients overflowed; step skipped, loss scale now %g", step,
+                    self.scaler.get_scale())
+        return None
 
     def _save(self) -> None:
         state = self.state_dict()  # every rank joins the gathers
@@ -381,6 +403,8 @@ class Trainer:
                                "tokens_seen": c.tokens_seen, "elapsed_s": round(c.elapsed_s, 3),
                                "tokens_per_s": round(c.tokens_seen / max(c.elapsed_s, 1e-9), 1),
                                "world_size": self.dist.world}
+                        if self.scaler is not None:
+                            rec["loss_scale"] = self.scaler.get_scale()
                         metrics.write(rec)
                         bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=rec["tokens_per_s"])
                         c.loss_window = []

@@ -243,3 +243,19 @@ def test_trainer_state_dict_round_trips(workspace, tmp_path):
     assert again["scheduler"] == state["scheduler"] and torch.equal(again["rng"]["torch_cpu"], state["rng"]["torch_cpu"])
     assert all(torch.equal(again["adapter"].tensors[k], v) for k, v in state["adapter"].tensors.items())
     assert set(again["optimizer"]["state"]) == set(state["optimizer"]["state"]) != set()
+
+
+def test_float16_trains_with_dynamic_loss_scaling(workspace, tmp_path, capsys):
+    recipe = _recipe(workspace, tmp_path / "fp16", "compute_dtype=float16", "max_steps=4", "eval_steps=0",
+                     "save_steps=0")
+    trainer = train_mod.Trainer(recipe, progress=False)
+    assert "dynamic loss scaling" in capsys.readouterr().err
+    # a scale that overflows fp16: the step is skipped and the scale drops (far, so the test stays short)
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40, backoff_factor=2.0**-20)
+    result = trainer.run()
+    records = [r for r in read_metrics(tmp_path / "fp16") if "loss" in r]
+    assert result.steps == 4 and 1 <= trainer.counters.skipped_steps < 4
+    assert records and all(r["loss_scale"] < 2.0**40 for r in records)
+    assert all(bool(t.isfinite().all()) for t in _adapter(tmp_path / "fp16").values())
+    state = json.loads((tmp_path / "fp16" / "checkpoints" / "step-4" / "trainer_state.json").read_text())
+    assert state["scaler"]["scale"] == trainer.scaler.get_scale()

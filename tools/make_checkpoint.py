@@ -58,6 +58,9 @@ PRESETS = {
     "llama-160m": Shape("llama", hidden=768, layers=12, heads=12, kv_heads=12, intermediate=3072, vocab=32000),
     # ~301M: big enough that the load itself, not importing torch/transformers, dominates a load benchmark.
     "llama-300m": Shape("llama", hidden=1024, layers=14, heads=16, kv_heads=16, intermediate=4096, vocab=32000),
+    # SmolLM2-135M shape (134.5M, tied embeddings, 49k vocab): the generation benchmark's small model.
+    "smollm2-135m": Shape("llama", hidden=576, layers=30, heads=9, kv_heads=3, intermediate=1536, vocab=49152,
+                          max_positions=8192, tie_embeddings=True),
     # Llama-3.2-1B shape (1.24B, tied embeddings, 128k vocab). Presets copy shapes only, not rope/eps settings.
     "llama-1b": Shape("llama", hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=128256,
                       max_positions=4096, tie_embeddings=True),

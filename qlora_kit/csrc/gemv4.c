@@ -1,0 +1,365 @@
+/* y = x W^T (+ bias) for a 4-bit (NF4 / FP4) W and a few rows of x: the decode path, which never builds W.
+ *
+ * Generating a token multiplies one row of activations (a handful at batch > 1) by every weight matrix. The
+ * prefill path -- dequantize W into a dense matrix, then matmul -- reads 4 bits per weight and writes and reads
+ * 16 more for every token; here each weight's 4 bits are read once and turned into an fp32 value in a register.
+ *
+ * The values are the dequantize path's: a block's 16 possible weights, code[q] * absmax, are formed in fp32 as
+ * bitsandbytes forms them, and rounded to the activation dtype (bf16 / fp16; fp32 is kept as is), so each weight
+ * is exactly the one F.linear(x, dequantize(W, x.dtype)) multiplies by. With double quantization the block's
+ * absmax is undone here too, code8[q] * nested_absmax + offset with the nested stage's two roundings. Products
+ * are accumulated in fp32 (fused multiply-add); only the order of the additions differs from a BLAS matmul, so
+ * the result differs from the reference by accumulation error alone (a few fp32 ulps of sum |x||w|) before the
+ * one rounding to the output dtype -- at most one ulp of the output after it, in practice.
+ *
+ * Layout: x is first copied once per call into fp32, each 32-element chunk split into its even then its odd
+ * elements. A chunk of W is 16 bytes whose high nibbles are the even elements and low nibbles the odd ones, so
+ * the two 16-lane weight vectors a chunk decodes to line up with the two halves of x's chunk with no shuffles in
+ * the hot loop. Requires in_features % 32 == 0 and a blocksize that is a multiple of 32 (every bitsandbytes
+ * blocksize), so that no block or row boundary falls inside a chunk; the caller falls back otherwise.
+ *
+ * Kernels: AVX-512 (a 16-entry table is one permute), AVX2 + FMA + F16C (two permutes and a blend), and portable C,
+ * picked at run time with __builtin_cpu_supports. Output rows are split across OpenMP threads.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define G4_X86 1
+#endif
+
+enum { G4_F32 = 0, G4_BF16 = 1, G4_F16 = 2 };
+enum { G4_CHUNK = 32, G4_NCODES = 16, G4_MAX_ROWS = 16, G4_NESTED_BS = 256 };
+
+/* Below this many weights per thread a second thread costs more (wake-up, join) than it saves. */
+enum { G4_MIN_PER_THREAD = 1 << 17 };
+
+typedef struct {
+    const uint8_t *packed;     /* n*k/2 bytes, first element of a byte in the high nibble */
+    const float *absmax;       /* fp32 per block, or NULL with double quantization */
+    const uint8_t *qabsmax;    /* double quantization: the 8-bit absmax codes ... */
+    const float *nested_absmax; /* ... their fp32 scale per 256 blocks ... */
+    const float *nested_code;  /* ... the 256-entry table ... */
+    float offset;              /* ... and the mean added back */
+    const float *code;         /* the 16 levels */
+    int64_t n, k, bs;
+    int dtype;                 /* activation = output dtype */
+} g4_weight;
+
+static inline float from_bits(uint32_t u) {
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint32_t to_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+/* Round to nearest even, NaN to the canonical quiet NaN: torch's float -> bfloat16. */
+static inline uint16_t f32_to_bf16(float f) {
+    const uint32_t u = to_bits(f), rounded = (u + 0x7fffu + (u >> 16 & 1u)) >> 16;
+    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded);
+}
+
+/* IEEE float <-> half, round to nearest even (as torch), without relying on F16C. */
+static inline uint16_t f32_to_f16(float f) {
+    const uint32_t u = to_bits(f), a = u & 0x7fffffffu, sign = u >> 16 & 0x8000u;
+    uint32_t r;
+    if (a > 0x7f800000u) r = 0x7e00u | (a >> 13 & 0x3ffu);
+    else if (a >= 0x477ff000u) r = 0x7c00u;
+    else if (a < 0x38800000u) r = to_bits(from_bits(a) + 0.5f) - 0x3f000000u;
+    else r = (a - 0x38000000u + 0xfffu + (a >> 13 & 1u)) >> 13;
+    return (uint16_t)(sign | r);
+}
+
+static inline float f16_to_f32(uint32_t h) {
+    uint32_t em = h & 0x7fffu, u = em << 13;
+    uint32_t r = em >= 0x7c00u ? (u | 0x7f800000u) : to_bits(from_bits(u) * 0x1p112f);
+    return from_bits(r | (h & 0x8000u) << 16);
+}
+
+static inline float load_f32(const void *src, int dtype, int64_t i) {
+    if (dtype == G4_BF16) return from_bits((uint32_t)((const uint16_t *)src)[i] << 16);
+    if (dtype == G4_F16) return f16_to_f32(((const uint16_t *)src)[i]);
+    return ((const float *)src)[i];
+}
+
+static inline void store(void *dst, int dtype, int64_t i, float v) {
+    if (dtype == G4_BF16) ((uint16_t *)dst)[i] = f32_to_bf16(v);
+    else if (dtype == G4_F16) ((uint16_t *)dst)[i] = f32_to_f16(v);
+    else ((float *)dst)[i] = v;
+}
+
+/* What an fp32 value becomes when the dequantize path rounds it to the activation dtype, back in fp32. */
+static inline float as_dtype(float v, int dtype) {
+    if (dtype == G4_BF16) return from_bits((uint32_t)f32_to_bf16(v) << 16);
+    if (dtype == G4_F16) return f16_to_f32(f32_to_f16(v));
+    return v;
+}
+
+static inline float block_absmax(const g4_weight *w, int64_t b) {
+    if (w->absmax) return w->absmax[b];
+    /* two roundings, as the nested dequantize and the separate `+ offset` have them */
+    const float scaled = w->nested_code[w->qabsmax[b]] * w->nested_absmax[b / G4_NESTED_BS];
+    return scaled + w->offset;
+}
+
+/* A block's 16 weights as the dequantize path holds them. */
+static inline void block_table(const g4_weight *w, int64_t b, float lut[G4_NCODES]) {
+    const float am = block_absmax(w, b);
+    for (int c = 0; c < G4_NCODES; c++) lut[c] = as_dtype(w->code[c] * am, w->dtype);
+}
+
+/* ---- kernels: one output row j for `mr` rows of the split x, accumulated into acc[r] ---- */
+
+/* Portable: per chunk, byte i holds element 2i (high nibble, split-x index i) and 2i+1 (low, index 16 + i). */
+static void row_scalar(const g4_weight *w, int64_t j, const float *xs, int64_t m, float *acc) {
+    const int64_t k = w->k, row0 = j * k;
+    for (int64_t c0 = 0; c0 < k;) {
+        const int64_t b = (row0 + c0) / w->bs;
+        int64_t c1 = (b + 1) * w->bs - row0;
+        c1 = c1 < k ? c1 : k;
+        float lut[G4_NCODES];
+        block_table(w, b, lut);
+        for (int64_t c = c0; c < c1; c += G4_CHUNK) {
+            const uint8_t *p = w->packed + (row0 + c) / 2;
+            for (int64_t r = 0; r < m; r++) {
+                const float *x = xs + r * k + c;
+                float s = 0.0f;
+                for (int i = 0; i < G4_CHUNK / 2; i++) s += x[i] * lut[p[i] >> 4] + x[16 + i] * lut[p[i] & 15];
+                acc[r] += s;
+            }
+        }
+        c0 = c1;
+    }
+}
+
+#ifdef G4_X86
+/* AVX-512: the table is one register, a code's weight one permute. MR rows at once share each decoded chunk. */
+#define G4_AVX512 __attribute__((target("avx512f,fma"), always_inline)) static inline
+
+/* block_table, 16 lanes at once: the products, then the rounding to the activation dtype */
+G4_AVX512 __m512 table512(const g4_weight *w, int64_t b) {
+    const __m512 t = _mm512_mul_ps(_mm512_loadu_ps(w->code), _mm512_set1_ps(block_absmax(w, b)));
+    if (w->dtype == G4_BF16) {
+        const __m512i u = _mm512_castps_si512(t);
+        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+        const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd);
+        return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32((int)0xffff0000u)));
+    }
+    if (w->dtype == G4_F16) return _mm512_cvtph_ps(_mm512_cvtps_ph(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    return t;
+}
+
+G4_AVX512 void row512_mr(const g4_weight *w, int64_t j, const float *xs, int mr, float *acc) {
+    const int64_t k = w->k, row0 = j * k;
+    __m512 a[G4_MAX_ROWS];
+    for (int r = 0; r < mr; r++) a[r] = _mm512_setzero_ps();
+    const __m512i nib = _mm512_set1_epi32(15);
+    for (int64_t c0 = 0; c0 < k;) {
+        const int64_t b = (row0 + c0) / w->bs;
+        int64_t c1 = (b + 1) * w->bs - row0;
+        c1 = c1 < k ? c1 : k;
+        const __m512 lut = table512(w, b);
+        for (int64_t c = c0; c < c1; c += G4_CHUNK) {
+            const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w->packed + (row0 + c) / 2)));
+            const __m512 whi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut);
+            const __m512 wlo = _mm512_permutexvar_ps(_mm512_and_si512(v, nib), lut);
+            for (int r = 0; r < mr; r++) {
+                const float *x = xs + r * k + c;
+                a[r] = _mm512_fmadd_ps(whi, _mm512_loadu_ps(x), a[r]);
+                a[r] = _mm512_fmadd_ps(wlo, _mm512_loadu_ps(x + 16), a[r]);
+            }
+        }
+        c0 = c1;
+    }
+    for (int r = 0; r < mr; r++) acc[r] += _mm512_reduce_add_ps(a[r]);
+}
+
+__attribute__((target("avx512f,fma"))) static void row_avx512(const g4_weight *w, int64_t j, const float *xs,
+                                                              int64_t m, float *acc) {
+    /* compile-time row counts, so the accumulators stay in registers */
+    for (int64_t r = 0; r < m;) {
+        const int64_t left = m - r;
+        const float *x = xs + r * w->k;
+        if (left >= 8) row512_mr(w, j, x, 8, acc + r), r += 8;
+        else if (left >= 4) row512_mr(w, j, x, 4, acc + r), r += 4;
+        else if (left >= 2) row512_mr(w, j, x, 2, acc + r), r += 2;
+        else row512_mr(w, j, x, 1, acc + r), r += 1;
+    }
+}
+
+/* AVX2: a 16-entry table is two 8-entry permutes, the code's bit 3 choosing between them. */
+#define G4_AVX2 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline
+
+G4_AVX2 __m256 lookup8(__m256i idx, __m256 lo, __m256 hi) {
+    const __m256 mask = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)); /* bit 3 -> sign bit */
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx), mask);
+}
+
+G4_AVX2 __m256 table256(const g4_weight *w, int half, float am) {
+    const __m256 t = _mm256_mul_ps(_mm256_loadu_ps(w->code + half), _mm256_set1_ps(am));
+    if (w->dtype == G4_BF16) {
+        const __m256i u = _mm256_castps_si256(t);
+        const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+        const __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), odd);
+        return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32((int)0xffff0000u)));
+    }
+    if (w->dtype == G4_F16) return _mm256_cvtph_ps(_mm256_cvtps_ph(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    return t;
+}
+
+G4_AVX2 void row256_mr(const g4_weight *w, int64_t j, const float *xs, int mr, float *acc) {
+    const int64_t k = w->k, row0 = j * k;
+    __m256 a[4];
+    for (int r = 0; r < mr; r++) a[r] = _mm256_setzero_ps();
+    const __m256i nib = _mm256_set1_epi32(15);
+    for (int64_t c0 = 0; c0 < k;) {
+        const int64_t b = (row0 + c0) / w->bs;
+        int64_t c1 = (b + 1) * w->bs - row0;
+        c1 = c1 < k ? c1 : k;
+        const float am = block_absmax(w, b);
+        const __m256 lo = table256(w, 0, am), hi = table256(w, 8, am);
+        for (int64_t c = c0; c < c1; c += G4_CHUNK) {
+            const uint8_t *p = w->packed + (row0 + c) / 2;
+            for (int h = 0; h < 2; h++) { /* bytes 8h..8h+7: even elements 8h.., odd elements 8h.. */
+                int64_t word;
+                memcpy(&word, p + 8 * h, sizeof word);
+                const __m256i v = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(word));
+                const __m256 whi = lookup8(_mm256_srli_epi32(v, 4), lo, hi);
+                const __m256 wlo = lookup8(_mm256_and_si256(v, nib), lo, hi);
+                for (int r = 0; r < mr; r++) {
+                    const float *x = xs + r * k + c + 8 * h;
+                    a[r] = _mm256_fmadd_ps(whi, _mm256_loadu_ps(x), a[r]);
+                    a[r] = _mm256_fmadd_ps(wlo, _mm256_loadu_ps(x + 16), a[r]);
+                }
+            }
+        }
+        c0 = c1;
+    }
+    for (int r = 0; r < mr; r++) {
+        float s[8];
+        _mm256_storeu_ps(s, a[r]);
+        acc[r] += ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+    }
+}
+
+__attribute__((target("avx2,fma,f16c"))) static void row_avx2(const g4_weight *w, int64_t j, const float *xs, int64_t m,
+                                                         float *acc) {
+    for (int64_t r = 0; r < m;) {
+        const int64_t left = m - r;
+        const float *x = xs + r * w->k;
+        if (left >= 4) row256_mr(w, j, x, 4, acc + r), r += 4;
+        else if (left >= 2) row256_mr(w, j, x, 2, acc + r), r += 2;
+        else row256_mr(w, j, x, 1, acc + r), r += 1;
+    }
+}
+#endif
+
+typedef void (*row_fn)(const g4_weight *, int64_t, const float *, int64_t, float *);
+
+static row_fn pick(int isa) {
+#ifdef G4_X86
+    __builtin_cpu_init();
+    if (isa >= 2 && __builtin_cpu_supports("avx512f")) return row_avx512;
+    if (isa >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c")) return row_avx2;
+#endif
+    (void)isa;
+    return row_scalar;
+}
+
+/* The kernel this machine runs: 2 AVX-512, 1 AVX2, 0 portable C. */
+int g4_isa(void) {
+    row_fn f = pick(2);
+#ifdef G4_X86
+    if (f == row_avx512) return 2;
+    if (f == row_avx2) return 1;
+#endif
+    return 0;
+}
+
+/* LoRA adapters fused into the same pass: row r of x uses adapter row_adapter[r] (-1: none), whose fp32 factors
+ * are A (rank x k) and B (n x rank), scaled by `scale`. Each adds what QLinear's unfused path adds: the delta
+ * scale * B (A x) in fp32, rounded to the output dtype, added to the rounded base output and rounded again. */
+typedef struct {
+    const float *const *a, *const *b;
+    const int64_t *rank;
+    const float *scale;
+    const int32_t *row_adapter; /* NULL: no adapters */
+} g4_lora;
+
+enum { G4_MAX_RANK = 256 };
+
+static float lora_delta(const g4_lora *l, const float *u, int32_t ad, int64_t j) {
+    const float *bj = l->b[ad] + j * l->rank[ad];
+    float d = 0.0f;
+    for (int64_t i = 0; i < l->rank[ad]; i++) d += u[i] * bj[i];
+    return d * l->scale[ad];
+}
+
+/* y[m, n] = x[m, k] W^T + bias (+ the rows' LoRA deltas), in `dtype` (0 fp32, 1 bf16, 2 fp16; x, bias and y share
+ * it). W is n x k in the bitsandbytes 4-bit layout: `absmax` fp32 per block, or (absmax NULL) double quantization
+ * given by qabsmax, nested_absmax, nested_code and offset. Adapters: n_adapters entries of lora_a / lora_b /
+ * lora_rank / lora_scale, and row_adapter[m] (NULL when n_adapters is 0). `isa` caps the kernel (2 AVX-512,
+ * 1 AVX2, 0 C; tests compare them). Returns 0, or -1 for arguments outside what the kernel handles (the caller
+ * then takes the dequantize path). */
+int g4_gemm(const void *x, int64_t m, int64_t k, int dtype, const uint8_t *packed, const float *absmax,
+            const uint8_t *qabsmax, const float *nested_absmax, const float *nested_code, float offset,
+            const float *code, int64_t n, int64_t blocksize, const void *bias, int n_adapters,
+            const float *const *lora_a, const float *const *lora_b, const int64_t *lora_rank,
+            const float *lora_scale, const int32_t *row_adapter, void *y, int isa, int nthreads) {
+    if (m < 1 || m > G4_MAX_ROWS || k <= 0 || k % G4_CHUNK || n <= 0 || blocksize <= 0 || blocksize % G4_CHUNK)
+        return -1;
+    if (dtype != G4_F32 && dtype != G4_BF16 && dtype != G4_F16) return -1;
+    if (!absmax && !(qabsmax && nested_absmax && nested_code)) return -1;
+    for (int a = 0; a < n_adapters; a++)
+        if (lora_rank[a] < 1 || lora_rank[a] > G4_MAX_RANK) return -1;
+    for (int64_t r = 0; n_adapters && r < m; r++)
+        if (row_adapter[r] >= n_adapters) return -1;
+    float *xs = malloc((size_t)(m * k + m * G4_MAX_RANK) * sizeof *xs);
+    if (!xs) return -1;
+    float *u = xs + m * k; /* per row: A x, the adapter's rank values */
+    for (int64_t r = 0; r < m; r++) { /* fp32, each chunk's even elements first, then its odd ones */
+        for (int64_t c = 0; c < k; c += G4_CHUNK)
+            for (int i = 0; i < G4_CHUNK / 2; i++) {
+                xs[r * k + c + i] = load_f32(x, dtype, r * k + c + 2 * i);
+                xs[r * k + c + 16 + i] = load_f32(x, dtype, r * k + c + 2 * i + 1);
+            }
+        const int32_t ad = n_adapters ? row_adapter[r] : -1;
+        for (int64_t i = 0; ad >= 0 && i < lora_rank[ad]; i++) {
+            const float *ai = lora_a[ad] + i * k;
+            float d = 0.0f;
+            for (int64_t c = 0; c < k; c++) d += load_f32(x, dtype, r * k + c) * ai[c];
+            u[r * G4_MAX_RANK + i] = d;
+        }
+    }
+    const g4_weight w = {packed, absmax, qabsmax, nested_absmax, nested_code, offset, code, n, k, blocksize, dtype};
+    const g4_lora lora = {lora_a, lora_b, lora_rank, lora_scale, n_adapters ? row_adapter : NULL};
+    const row_fn row = pick(isa);
+    int64_t nw = n * k / G4_MIN_PER_THREAD;
+    nw = nw < nthreads ? nw : nthreads;
+    nw = nw < 1 ? 1 : nw;
+#pragma omp parallel for schedule(static) num_threads((int)nw)
+    for (int64_t j = 0; j < n; j++) {
+        float acc[G4_MAX_ROWS] = {0};
+        row(&w, j, xs, m, acc);
+        for (int64_t r = 0; r < m; r++) {
+            float v = as_dtype(bias ? acc[r] + load_f32(bias, dtype, j) : acc[r], dtype);
+            const int32_t ad = lora.row_adapter ? lora.row_adapter[r] : -1;
+            if (ad >= 0) v += as_dtype(lora_delta(&lora, u + r * G4_MAX_RANK, ad, j), dtype);
+            store(y, dtype, r * n + j, v);
+        }
+    }
+    free(xs);
+    return 0;
+}

@@ -1,0 +1,134 @@
+"""The decode kernel (csrc/gemv4.c): x Wᵀ straight from the 4-bit codes, against F.linear(x, dequantize(W)).
+
+Tolerance: each weight is exactly the dequantized one, so the two results differ only by the order of the fp32
+additions: |y - ref| <= one ulp of the output dtype at |ref| + 2·k·2⁻²⁴·Σ|x||w| (each side's accumulation error
+bound). Where the fp32 sums are exact (small-integer activations), the results are equal bit for bit.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qlora_kit import _native
+from qlora_kit.lora import LoraConfig, QLinear, linear_4bit
+from qlora_kit.quant import QuantConfig, QuantizedWeight
+
+pytestmark = pytest.mark.skipif(not _native.HAVE_GEMV, reason="native decode kernel not built")
+ISAS = [isa for isa in (2, 1, 0) if isa <= _native.GEMV_ISA]
+
+
+def _ulp(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    mant = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24}[dtype]
+    tiny = torch.finfo(dtype).tiny
+    return torch.exp2(torch.floor(torch.log2(t.abs().clamp(min=tiny))) - (mant - 1))
+
+
+def _case(n, k, m, dtype, config, bias, seed=0, integer_x=False):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen).to(dtype)
+    qw = QuantizedWeight.quantize(w, config)
+    x = (torch.randint(-3, 4, (m, k), generator=gen).float() if integer_x else torch.randn(m, k, generator=gen))
+    b = torch.randn(n, generator=gen).to(dtype) if bias else None
+    return qw, x.to(dtype), b
+
+
+def _decode(qw, x, b, isa):
+    return _native.gemm_4bit(x, qw.gemv_args(), b, isa=isa)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(
+    "n,k,m,config,bias",
+    [
+        (96, 64, 1, QuantConfig("nf4", True, 64), False),
+        (70, 160, 3, QuantConfig("fp4", False, 32), True),
+        (130, 96, 8, QuantConfig("nf4", True, 64), True),  # blocks straddle rows: 96 % 64 != 0
+        (64, 256, 16, QuantConfig("nf4", False, 128), False),
+        (33, 512, 5, QuantConfig("fp4", True, 256), False),
+    ],
+)
+def test_decode_matmul_within_accumulation_tolerance(isa, dtype, n, k, m, config, bias):
+    qw, x, b = _case(n, k, m, dtype, config, bias)
+    wd = qw.dequantize(dtype)
+    ref = F.linear(x, wd, b)
+    y = _decode(qw, x, b, isa)
+    assert y.dtype == dtype and y.shape == (m, n)
+    scale = F.linear(x.double().abs(), wd.double().abs()) + (0 if b is None else b.double().abs())
+    bound = _ulp(ref.double(), dtype) + 2 * k * 2.0**-24 * scale
+    assert bool(((y.double() - ref.double()).abs() <= bound).all())
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_matmul_bit_for_bit_when_sums_are_exact(isa, dtype):
+    # small-integer x times weights with an 8/11-bit mantissa: every fp32 partial sum is exact in any order
+    qw, x, _ = _case(48, 128, 4, dtype, QuantConfig("nf4", True, 64), False, integer_x=True)
+    qw.nested_absmax = None  # plain fp32 absmax of exactly 1: weights are the code levels themselves
+    qw.absmax = torch.ones(qw.absmax.numel())  # new tensors: gemv_args rebuilds its cached arguments
+    assert torch.equal(_decode(qw, x, None, isa), F.linear(x, qw.dequantize(dtype)))
+
+
+def test_decode_matmul_refuses_what_it_cannot_tile():
+    qw, x, _ = _case(8, 48, 1, torch.bfloat16, QuantConfig(), False)  # 48 % 32 != 0
+    assert qw.decode_matmul(x) is None
+    qw, x, _ = _case(8, 64, 17, torch.bfloat16, QuantConfig(), False)  # more rows than the kernel holds
+    assert qw.decode_matmul(x) is None
+
+
+def test_linear_4bit_decodes_without_grad_and_keeps_autograd_with_it(monkeypatch):
+    qw, x, b = _case(64, 128, 2, torch.bfloat16, QuantConfig(), True)
+    calls = []
+    real = _native.gemm_4bit
+    monkeypatch.setattr(_native, "gemm_4bit", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    with torch.no_grad():
+        fast = linear_4bit(x, qw, b)
+    assert calls == [1]
+    xg = x.clone().requires_grad_(True)
+    slow = linear_4bit(xg, qw, b)
+    slow.sum().backward()
+    assert calls == [1] and xg.grad is not None  # the training path never takes the kernel
+    scale = F.linear(x.double().abs(), qw.dequantize(torch.bfloat16).double().abs()) + b.double().abs()
+    assert bool(((fast.double() - slow.double()).abs() <= _ulp(slow.double(), torch.bfloat16) + 2**-18 * scale).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_lora_decode_equals_the_unfused_path(dtype):
+    """Base matmul plus each row's LoRA delta in one call (QLinear._decode) against QLinear's own unfused path
+    (the same kernel for the base, torch for the adapters): the same roundings, sums in another order."""
+    torch.manual_seed(0)
+    qw, _, b = _case(160, 128, 1, dtype, QuantConfig(), True)
+    layer = QLinear(qw, b, compute_dtype=dtype)
+    for name in ("a", "b"):
+        layer.add_adapter(name, LoraConfig(r=8, alpha=16))
+        torch.nn.init.normal_(layer.lora_B[name].weight, std=0.5)
+    x = torch.randn(5, 2, 128).to(dtype)  # five sequences of two tokens
+    layer.row_groups = {"a": torch.tensor([0, 3]), "b": torch.tensor([1])}
+    with torch.no_grad():
+        fused = layer(x)
+        layer._decode = lambda x: None  # the unfused path, as before the fusion
+        unfused = layer(x)
+    assert fused.dtype == dtype
+    tol = 2**-7 if dtype == torch.bfloat16 else 1e-5
+    assert torch.allclose(fused.float(), unfused.float(), rtol=tol, atol=tol)
+    assert torch.equal(fused[[2, 4]], unfused[[2, 4]])  # rows without an adapter: the same kernel call
+
+
+def test_qlinear_decode_with_adapters_matches_the_prefill_path():
+    torch.manual_seed(0)
+    qw, x, _ = _case(96, 128, 3, torch.bfloat16, QuantConfig(), False)
+    layer = QLinear(qw)
+    layer.add_adapter("a", LoraConfig(r=4))
+    torch.nn.init.normal_(layer.lora_B["a"].weight)
+    xs = x.reshape(3, 1, 128)  # three decode rows of one token each
+    with torch.no_grad():
+        fast = layer(xs)
+        layer.row_groups = {"a": torch.tensor([0, 2])}
+        mixed = layer(xs)
+        layer.row_groups = None
+    slow = layer(xs.clone().requires_grad_(True)).detach()
+    assert torch.allclose(fast.float(), slow.float(), rtol=2e-2, atol=2e-2)
+    base = linear_4bit(xs[1:2], qw).detach()
+    assert torch.allclose(mixed[0].float(), fast[0].float(), atol=1e-2) and torch.equal(mixed[1:2], base)
