@@ -214,19 +214,29 @@ def test_messages_training_saves_its_chat_template_and_inference_uses_it(workspa
     assert seen[0].prompt.endswith("<|user|>\nhi</s><|assistant|>\n")
 
 
+@pytest.fixture(scope="module")
+def resumable_run(workspace, tmp_path_factory):
+    """A finished 2-step run with checkpoints, trained once for the tests that resume it."""
+    out = tmp_path_factory.mktemp("resumable") / "run"
+    train(_recipe(workspace, out, "max_steps=2", "save_steps=1", "eval_steps=0"), progress=False)
+    return out
+
+
 @pytest.mark.parametrize("change, message", [
     ("lora.r=8", "was saved with lora.r=4, this recipe has lora.r=8"),
     ("lora.alpha=4", "was saved with lora.alpha=8.0, this recipe has lora.alpha=4.0"),
     ("lora.target_modules=[q_proj,v_proj]", "the saved adapter and this model adapt different layers "
      "(lora.target_modules changed?): only in the saved one: model.layers.0.mlp.down_proj, "),
 ])
-def test_resuming_with_another_adapter_is_refused_naming_the_difference(workspace, tmp_path, change, message):
+def test_resuming_with_another_adapter_is_refused_naming_the_difference(workspace, resumable_run, tmp_path, change,
+                                                                         message):
+    import shutil
+
     from qlora_kit.errors import CheckpointError
 
-    train(_recipe(workspace, tmp_path / "run", "max_steps=2", "save_steps=1", "eval_steps=0"), progress=False)
+    out = shutil.copytree(resumable_run, tmp_path / "run")
     with pytest.raises(CheckpointError, match="step-2: " + re.escape(message)) as err:
-        train(_recipe(workspace, tmp_path / "run", "max_steps=2", "save_steps=1", "eval_steps=0", change),
-              progress=False)
+        train(_recipe(workspace, out, "max_steps=2", "save_steps=1", "eval_steps=0", change), progress=False)
     assert "Error" not in str(err.value)
 
 
