@@ -29,8 +29,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
+from qlora_kit.adapters import read_chat_template
+from qlora_kit.data import render_prompt
 from qlora_kit.engine import CANCELLED, Delta, Engine, Failed, Finished, Sampling, Sequence
-from qlora_kit.generate import render
+from qlora_kit.errors import DataError
 from qlora_kit.traces import TraceLog
 
 log = logging.getLogger(__name__)
@@ -216,9 +218,11 @@ class Server:
         started = time.perf_counter()
         adapter = self.resolve(body.model)
         messages = [{"role": m.role, "content": _text(m.content)} for m in body.messages]
-        try:
-            prompt, _ = render(self.tokenizer, {"messages": messages})
-        except (ValueError, TypeError) as e:  # no chat template, or one that refuses these roles
+        path = self.engine.adapters().get(adapter) if adapter is not None else None
+        try:  # the template the adapter was trained with (as `qlora-kit generate` renders), else the tokenizer's
+            template = read_chat_template(path) if path is not None else None
+            prompt, _ = render_prompt(self.tokenizer, {"messages": messages}, template, where="messages")
+        except (DataError, ValueError, TypeError) as e:  # no chat template, or one that refuses these roles
             raise ApiError(400, f"messages: cannot apply the chat template ({e}); use /v1/completions",
                            "messages") from None
         ids = self._encode(prompt, chat=True, param="messages")
