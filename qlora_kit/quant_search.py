@@ -20,6 +20,7 @@ import importlib.util
 import torch
 
 from qlora_kit import _native, codes
+from qlora_kit.quant import NESTED_BLOCKSIZE
 
 GRID = torch.linspace(1.0, 0.6, 8)
 """Candidate scales as fractions of each block's raw absmax. On SmolLM2-135M's weights this grid plus one Lloyd
@@ -27,8 +28,6 @@ step removes 16% of NF4's squared error; 50 fractions plus two steps, 16.5%; Llo
 max, 9.6% (they stop in the nearest local minimum)."""
 SEARCH_STEPS = 2
 """Lloyd steps from the best grid candidate (each one more pass over the block, taken only while it helps)."""
-
-NESTED_BLOCKSIZE = 256  # quant.py's: blocks of absmax values per nested scale
 
 
 def _load() -> ctypes.CDLL | None:

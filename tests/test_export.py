@@ -113,7 +113,8 @@ def test_layer_record_gives_the_same_checkpoint_as_the_architecture(tmp_path, ch
     base = _bert_with_prefix(checkpoints["bert"], tmp_path / "bert") if arch == "bert-prefixed" else checkpoints[arch]
     _trained(base, tmp_path / "adapter")
     record = json.loads((tmp_path / "adapter" / RECORD_NAME).read_text())
-    assert record["quantization"] == {"type": "nf4", "double_quant": True, "blocksize": 64}
+    assert record["quantization"] == {"type": "nf4", "double_quant": True, "blocksize": 64, "scale_search": False,
+                                      "calibration": None}
     assert len(record["layers"]) == len(_qlinears(load_quantized(base)))
     fast = _export(tmp_path / "adapter", tmp_path / "fast")
     slow = _export(_without_record(tmp_path / "adapter", tmp_path / "peft"), tmp_path / "slow")
