@@ -178,7 +178,9 @@ def calibrate_checkpoint(model_dir: Path, quant: QuantConfig, trust_remote_code:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise DataError(f"{model_dir}: calibration needs the model's tokenizer, which did not load ({e})") from None
-    model = model_class(config).from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    # safetensors only: a pytorch_model.bin (pickle) is never read
+    model = model_class(config).from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True,
+                                                trust_remote_code=trust_remote_code)
     model.eval()
     dtype = config.dtype if isinstance(config.dtype, torch.dtype) else torch.bfloat16
     return calibrated_weights(model, quant_targets(model), tokenizer, Path(quant.calibration), quant, dtype)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from qlora_kit import _native
-from qlora_kit.lora import LoraConfig, QLinear, linear_4bit
+from qlora_kit.lora import LoraConfig, QLinear, linear_4bit, route_rows
 from qlora_kit.quant import QuantConfig, QuantizedWeight
 
 pytestmark = pytest.mark.skipif(not _native.HAVE_GEMV, reason="native decode kernel not built")
@@ -105,8 +105,7 @@ def test_fused_lora_decode_equals_the_unfused_path(dtype):
         layer.add_adapter(name, LoraConfig(r=8, alpha=16))
         torch.nn.init.normal_(layer.lora_B[name].weight, std=0.5)
     x = torch.randn(5, 2, 128).to(dtype)  # five sequences of two tokens
-    layer.row_groups = {"a": torch.tensor([0, 3]), "b": torch.tensor([1])}
-    with torch.no_grad():
+    with torch.no_grad(), route_rows([layer], {"a": torch.tensor([0, 3]), "b": torch.tensor([1])}):
         fused = layer(x)
         layer._decode = lambda x: None  # the unfused path, as before the fusion
         unfused = layer(x)
@@ -125,9 +124,8 @@ def test_qlinear_decode_with_adapters_matches_the_prefill_path():
     xs = x.reshape(3, 1, 128)  # three decode rows of one token each
     with torch.no_grad():
         fast = layer(xs)
-        layer.row_groups = {"a": torch.tensor([0, 2])}
-        mixed = layer(xs)
-        layer.row_groups = None
+        with route_rows([layer], {"a": torch.tensor([0, 2])}):
+            mixed = layer(xs)
     slow = layer(xs.clone().requires_grad_(True)).detach()
     assert torch.allclose(fast.float(), slow.float(), rtol=2e-2, atol=2e-2)
     base = linear_4bit(xs[1:2], qw).detach()

@@ -841,7 +841,8 @@ def _calls(tree):
 
 def test_source_never_unpickles_nor_trusts_remote_code_by_itself():
     """Over the package source: torch.load only with weights_only=True; no pickle-family imports; models are
-    never read with from_pretrained (which would accept pytorch_model.bin); trust_remote_code is never True."""
+    read with from_pretrained only with use_safetensors=True (it would accept pytorch_model.bin otherwise);
+    trust_remote_code is never True."""
     import ast
 
     sources = sorted(PACKAGE.rglob("*.py"))
@@ -857,8 +858,11 @@ def test_source_never_unpickles_nor_trusts_remote_code_by_itself():
             if name == "load" and owner == "torch":
                 flag = kwargs.get("weights_only")
                 assert isinstance(flag, ast.Constant) and flag.value is True, f"{path}: torch.load without weights_only"
-            if name == "from_pretrained":
-                assert owner in {"AutoConfig", "AutoTokenizer", "GenerationConfig"}, f"{path}: {owner}.from_pretrained"
+            if name == "from_pretrained":  # a model only from safetensors, never a pickled pytorch_model.bin
+                safetensors_only = kwargs.get("use_safetensors")
+                assert owner in {"AutoConfig", "AutoTokenizer", "GenerationConfig"} or (
+                    isinstance(safetensors_only, ast.Constant) and safetensors_only.value is True
+                ), f"{path}: {owner}.from_pretrained"
             flag = kwargs.get("trust_remote_code")
             assert not (isinstance(flag, ast.Constant) and flag.value is True), f"{path}: trust_remote_code=True"
 
