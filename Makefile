@@ -43,7 +43,7 @@ demo: $(STAMP) $(NATIVE_STAMP)
 	$(VENV)/bin/qlora-kit train recipes/smollm2-pos.yaml model=$(SMOLLM2)
 	$(PY) tools/demo_eval.py $(SMOLLM2) runs/smollm2-pos/adapter demo/data/chat_eval.jsonl --prompts demo/chat_prompts.jsonl
 	$(VENV)/bin/qlora-kit export runs/smollm2-pos/adapter --out runs/smollm2-pos/merged
-	$(VENV)/bin/qlora-kit generate runs/smollm2-pos/merged --file demo/chat_prompts.jsonl --max-new-tokens 16
+	$(PY) tools/demo_merged.py runs/smollm2-pos/merged demo/chat_prompts.jsonl --max-new-tokens 16
 
 # The embedded demo: QLoRA on the shipped 5M WordNet model and data, on CPU, no network at all.
 demo-offline: $(STAMP) $(NATIVE_STAMP)
