@@ -25,6 +25,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fpbits.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -51,41 +53,6 @@ typedef struct {
     int64_t n, k, bs;
     int dtype;                 /* activation = output dtype */
 } g4_weight;
-
-static inline float from_bits(uint32_t u) {
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint32_t to_bits(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    return u;
-}
-
-/* Round to nearest even, NaN to the canonical quiet NaN: torch's float -> bfloat16. */
-static inline uint16_t f32_to_bf16(float f) {
-    const uint32_t u = to_bits(f), rounded = (u + 0x7fffu + (u >> 16 & 1u)) >> 16;
-    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded);
-}
-
-/* IEEE float <-> half, round to nearest even (as torch), without relying on F16C. */
-static inline uint16_t f32_to_f16(float f) {
-    const uint32_t u = to_bits(f), a = u & 0x7fffffffu, sign = u >> 16 & 0x8000u;
-    uint32_t r;
-    if (a > 0x7f800000u) r = 0x7e00u | (a >> 13 & 0x3ffu);
-    else if (a >= 0x477ff000u) r = 0x7c00u;
-    else if (a < 0x38800000u) r = to_bits(from_bits(a) + 0.5f) - 0x3f000000u;
-    else r = (a - 0x38000000u + 0xfffu + (a >> 13 & 1u)) >> 13;
-    return (uint16_t)(sign | r);
-}
-
-static inline float f16_to_f32(uint32_t h) {
-    uint32_t em = h & 0x7fffu, u = em << 13;
-    uint32_t r = em >= 0x7c00u ? (u | 0x7f800000u) : to_bits(from_bits(u) * 0x1p112f);
-    return from_bits(r | (h & 0x8000u) << 16);
-}
 
 static inline float load_f32(const void *src, int dtype, int64_t i) {
     if (dtype == G4_BF16) return from_bits((uint32_t)((const uint16_t *)src)[i] << 16);

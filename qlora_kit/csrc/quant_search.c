@@ -23,6 +23,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "fpbits.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -45,24 +47,6 @@ typedef struct {
     float sorted[QS_NCODES];  /* the levels in ascending order */
     int32_t order[QS_NCODES]; /* code of each sorted level (FP4's permutation; NF4's is the identity) */
 } qs_table;
-
-static inline float from_bits(uint32_t u) {
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint32_t to_bits(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    return u;
-}
-
-static inline float f16_to_f32(uint32_t h) {
-    uint32_t em = h & 0x7fffu, u = em << 13;
-    uint32_t r = em >= 0x7c00u ? (u | 0x7f800000u) : to_bits(from_bits(u) * 0x1p112f);
-    return from_bits(r | (h & 0x8000u) << 16);
-}
 
 static inline float load_f32(const void *src, int dtype, int64_t i) {
     if (dtype == QS_BF16) return from_bits((uint32_t)((const uint16_t *)src)[i] << 16);
