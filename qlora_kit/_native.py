@@ -319,17 +319,19 @@ def _load_gemv() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(spec.origin)
         lib.g4_gemm.argtypes = [ptr, i64, i64, i32, ptr, ptr, ptr, ptr, ptr, ctypes.c_float, ptr, i64, i64, ptr,
                                 i32, ptr, ptr, ptr, ptr, ptr, ptr, i32, i32]
+        lib.g4_dense.argtypes = [ptr, i64, i64, i32, ptr, i64, ptr, ptr, i32, i32]
         lib.g4_isa.argtypes = []
     except (OSError, AttributeError):
         return None
-    lib.g4_gemm.restype = lib.g4_isa.restype = i32
+    lib.g4_gemm.restype = lib.g4_dense.restype = lib.g4_isa.restype = i32
     return lib
 
 
 _GEMV = _load_gemv()
 HAVE_GEMV: bool = _GEMV is not None
 GEMV_ISA: int = _GEMV.g4_isa() if _GEMV is not None else -1
-"""The decode kernel this machine runs: 2 AVX-512, 1 AVX2 + FMA, 0 portable C, -1 not built."""
+"""The decode kernel this machine runs: 3 AVX-512 BF16 (for bf16 activations), 2 AVX-512, 1 AVX2 + FMA, 0 portable
+C, -1 not built."""
 GEMV_MAX_RANK = 256  # LoRA rank the kernel fuses; above it the adapter runs as torch ops
 
 
@@ -376,36 +378,87 @@ def gemv_weight(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quan
                       code.data_ptr(), out_features, blocksize, (packed, qam, nam, ncode, code))
 
 
-def gemm_4bit(
-    x: torch.Tensor, weight: GemvWeight, bias: torch.Tensor | None = None,
-    adapters: Sequence[tuple[torch.Tensor, torch.Tensor, float]] = (), row_adapter: torch.Tensor | None = None,
-    isa: int = 2,
-) -> torch.Tensor:
-    """x[..., k] @ Wᵀ + bias in x's dtype, W (out_features x k) in the 4-bit layout (`gemv_weight`).
+@dataclass(frozen=True)
+class LoraArgs:
+    """LoRA factors and each row's adapter as the kernel takes them: pointer and scale arrays built once per
+    batch composition (a decode step reuses them; see QLinear._decode), `keep` holding what they point into."""
 
-    `adapters`: LoRA factors (A fp32 [r, k], B fp32 [out_features, r], scale); `row_adapter` (int32, one per row
-    of x flattened to [m, k]; -1 none) says which one each row adds, as QLinear adds it. `isa` caps the kernel
-    used (tests compare them). Only for inputs `gemv_supported` accepts."""
+    count: int
+    a_ptrs: object
+    bt_ptrs: object
+    ranks: object
+    scales: object
+    rows: int
+    keep: tuple
+
+
+def lora_args(adapters: Sequence[tuple[torch.Tensor, torch.Tensor, float]], row_adapter: torch.Tensor) -> LoraArgs:
+    """`adapters`: LoRA factors (A fp32 [r, k], B fp32 [out_features, r], scale); `row_adapter` (int32, one per
+    row of x flattened to [m, k]; -1 none) says which one each row adds, as QLinear adds it. B goes to the kernel
+    transposed (see gemv4.c): that copy lives as long as these arguments, one batch composition."""
+    n = len(adapters)
+    factors = tuple((a.detach().contiguous(), b.detach().t().contiguous()) for a, b, _ in adapters)
+    vp = ctypes.c_void_p * n
+    rows = row_adapter.to(torch.int32).contiguous()
+    return LoraArgs(
+        n, vp(*(a.data_ptr() for a, _ in factors)), vp(*(bt.data_ptr() for _, bt in factors)),
+        (ctypes.c_int64 * n)(*(a.shape[0] for a, _ in factors)), (ctypes.c_float * n)(*(s for _, _, s in adapters)),
+        rows.data_ptr(), (factors, rows),
+    )
+
+
+def gemm_4bit(
+    x: torch.Tensor, weight: GemvWeight, bias: torch.Tensor | None = None, lora: LoraArgs | None = None,
+    isa: int = 3,
+) -> torch.Tensor:
+    """x[..., k] @ Wᵀ + bias in x's dtype, W (out_features x k) in the 4-bit layout (`gemv_weight`), plus each
+    row's LoRA delta where `lora` (`lora_args`) is given. `isa` caps the kernel used (tests compare them). Only
+    for inputs `gemv_supported` accepts."""
     k = x.shape[-1]
-    x2 = x.detach().reshape(-1, k).contiguous()
+    x2 = x.detach().reshape(-1, k)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
     m, dtype = x2.shape[0], x.dtype
     bias_c = None if bias is None else bias.detach().to(dtype).contiguous()
     y = torch.empty(m, weight.out_features, dtype=dtype)
-    n_ad = len(adapters)
-    if n_ad:
-        vp = ctypes.c_void_p * n_ad
-        a_ptrs, b_ptrs = vp(*(a.data_ptr() for a, _, _ in adapters)), vp(*(b.data_ptr() for _, b, _ in adapters))
-        ranks = (ctypes.c_int64 * n_ad)(*(a.shape[0] for a, _, _ in adapters))
-        scales = (ctypes.c_float * n_ad)(*(s for _, _, s in adapters))
-        rows = row_adapter.to(torch.int32).contiguous()
-        lora = (a_ptrs, b_ptrs, ranks, scales, rows.data_ptr())
+    if lora is not None and lora.count:
+        ad = (lora.count, lora.a_ptrs, lora.bt_ptrs, lora.ranks, lora.scales, lora.rows)
     else:
-        lora = (None,) * 5
+        ad = (0, None, None, None, None, None)
     rc = _GEMV.g4_gemm(
         x2.data_ptr(), m, k, _DTYPE_CODES[dtype], weight.packed, weight.absmax, weight.qabsmax, weight.nested_absmax,
         weight.nested_code, weight.offset, weight.code, weight.out_features, weight.blocksize,
-        None if bias_c is None else bias_c.data_ptr(), n_ad, *lora, y.data_ptr(), isa, torch.get_num_threads(),
+        None if bias_c is None else bias_c.data_ptr(), *ad, y.data_ptr(), isa, torch.get_num_threads(),
     )
     if rc:
         raise RuntimeError(f"g4_gemm rejected its arguments (m={m}, k={k}, n={weight.out_features})")
     return y.reshape(*x.shape[:-1], weight.out_features)
+
+
+# ---- the same few rows against a dense 16-bit W (the LM head, layers left unquantized): csrc/gemv4.c ----
+
+def dense_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `dense_gemm` takes x against weight: CPU, bf16/fp16 (the same for both), at most GEMV_MAX_ROWS
+    rows, in_features a multiple of 16."""
+    k = weight.shape[-1]
+    return (
+        HAVE_GEMV and x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == weight.dtype
+        and x.dtype in (torch.bfloat16, torch.float16) and weight.dim() == 2 and x.shape[-1] == k
+        and 0 < x.numel() <= GEMV_MAX_ROWS * k and k % 16 == 0
+    )
+
+
+def dense_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, isa: int = 3) -> torch.Tensor:
+    """F.linear(x, weight, bias) for the few rows of a decode step, fp32 sums in another order (see gemv4.c)."""
+    k, n = weight.shape[-1], weight.shape[0]
+    x2 = x.detach().reshape(-1, k)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    w = weight.detach() if weight.is_contiguous() else weight.detach().contiguous()
+    bias_c = None if bias is None else bias.detach().to(x.dtype).contiguous()
+    y = torch.empty(x2.shape[0], n, dtype=x.dtype)
+    rc = _GEMV.g4_dense(x2.data_ptr(), x2.shape[0], k, _DTYPE_CODES[x.dtype], w.data_ptr(), n,
+                        None if bias_c is None else bias_c.data_ptr(), y.data_ptr(), isa, torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"g4_dense rejected its arguments (m={x2.shape[0]}, k={k}, n={n})")
+    return y.reshape(*x.shape[:-1], n)

@@ -100,6 +100,25 @@ def linear_4bit(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | 
     return _Dequant4bitLinear.apply(x, qweight, bias)
 
 
+class DecodeLinear(nn.Linear):
+    """An unquantized linear layer (the LM head) whose decode steps take the native few-row kernel: at one row,
+    torch's bf16 matmul reads the weight at under half the speed the kernel does, and the LM head is the largest
+    matrix a small model multiplies per token. Anything else (gradients, many rows, fp32) is nn.Linear's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() and _native.dense_supported(x, self.weight):
+            return _native.dense_gemm(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+def use_decode_head(model: nn.Module) -> None:
+    """Give the model's output layer DecodeLinear's decode path, in place: its class only, so the parameters (and
+    their tie to the input embeddings) are the same objects and the state dict is unchanged."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is nn.Linear:
+        head.__class__ = DecodeLinear
+
+
 _MERGE_BLOCK = 1 << 18  # elements per row block of a merge: its fp32 product (1 MiB) stays in cache
 
 
@@ -163,6 +182,8 @@ class QLinear(nn.Module):
     ) -> None:
         super().__init__()
         self.out_features, self.in_features = qweight.shape
+        self._qweight_cache: tuple | None = None  # see qweight
+        self._lora_cache: tuple | None = None  # see _lora_args
         self.qweight = qweight  # registers the frozen quant-state parameters (see the setter)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
         self.compute_dtype = compute_dtype
@@ -216,22 +237,40 @@ class QLinear(nn.Module):
         if torch.is_grad_enabled() or x.dtype != self.compute_dtype or x.device.type != "cpu" or x.dim() < 2:
             return None
         routed = _ROW_ROUTING.get().get(id(self))
-        if routed is not None:
-            groups = {n: rows for n, rows in routed.items() if n in self.lora_A}
-        else:
-            name = self.active_adapter
-            groups = {name: None} if name is not None and name in self.lora_A else {}
-        batch_adapter = torch.full((x.shape[0],), -1, dtype=torch.int32)
+        groups = routed if routed is not None else {self.active_adapter: None}
         factors = []
-        for i, (name, rows) in enumerate(groups.items()):
+        for name in groups:
+            if name not in self.lora_A:
+                continue
             a, b = self.lora_A[name].weight, self.lora_B[name].weight
             dropout = self.training and not isinstance(self.lora_dropout[name], nn.Identity)
             if dropout or a.dtype != torch.float32 or b.dtype != torch.float32 or a.shape[0] > _native.GEMV_MAX_RANK:
                 return None
-            factors.append((a.detach(), b.detach(), self.scaling[name]))
+            factors.append((name, a, b, self.scaling[name]))
+        return self.qweight.decode_matmul(x, self._bias(x), self._lora_args(x, routed, factors))
+
+    def _lora_args(self, x: torch.Tensor, routed, factors: list) -> _native.LoraArgs | None:
+        """The kernel's LoRA arguments, built once per batch composition and reused by every decode step of it:
+        rebuilding pointer arrays and the row map for each of a model's hundreds of layers per token cost more
+        than the kernel itself at batch 1. The key holds everything they are built from (the routing by
+        identity, the factors by storage and scale, B's version counter since the kernel gets a transposed copy
+        of it), so a changed adapter -- one trained in place between two generations included -- or batch gets
+        new ones."""
+        if not factors:
+            return None
+        key = (routed, x.shape[:-1],
+               tuple((n, a.data_ptr(), b.data_ptr(), b._version, a.shape, s) for n, a, b, s in factors))
+        cached = self._lora_cache
+        if cached is not None and cached[0] is key[0] and cached[1:-1] == key[1:]:
+            return cached[-1]
+        batch_adapter = torch.full((x.shape[0],), -1, dtype=torch.int32)
+        for i, (name, *_) in enumerate(factors):
+            rows = None if routed is None else routed[name]
             batch_adapter[slice(None) if rows is None else rows] = i
-        rows_per_batch_row = x.numel() // (x.shape[0] * x.shape[-1])
-        return self.qweight.decode_matmul(x, self._bias(x), (factors, batch_adapter.repeat_interleave(rows_per_batch_row)))
+        per_row = x.numel() // (x.shape[0] * x.shape[-1])
+        args = _native.lora_args([(a, b, s) for _, a, b, s in factors], batch_adapter.repeat_interleave(per_row))
+        self._lora_cache = (*key, args)
+        return args
 
     def _per_row(self, x: torch.Tensor, result: torch.Tensor, groups: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Each batch row gets its own adapter: the base matmul once for all rows, each B·A on its rows only."""
@@ -277,14 +316,24 @@ class QLinear(nn.Module):
 
     @property
     def qweight(self) -> QuantizedWeight:
-        """The 4-bit weight, built from the module's own quant-state parameters at each call, so that what forward
-        and backward see is whatever those parameters are now (under FSDP2: the block's all-gathered tensors)."""
-        nested = self.nested_absmax is not None
-        return QuantizedWeight(
-            self.codes.view(-1), self.absmax if nested else _from_bits(self.absmax), self.weight_shape,
-            self.weight_dtype, self.blocksize, self.quant_type, _from_bits(self.nested_absmax),
-            _from_bits(self.nested_code), _from_bits(self.offset).reshape(()) if nested else None,
+        """The 4-bit weight, built from the module's own quant-state parameters, so that what forward and backward
+        see is whatever those parameters are now (under FSDP2: the block's all-gathered tensors). It is rebuilt
+        only when one of them is another tensor or has moved (`.to()` swaps a parameter's data in place): at
+        decode, building it per call cost as much as a small layer's matmul."""
+        params = tuple(map(self._parameters.get, QUANT_STATE))
+        key = tuple(None if p is None else (id(p), p.data_ptr()) for p in params)
+        cached = self._qweight_cache
+        if cached is not None and cached[0] == key and all(p is c for p, c in zip(params, cached[1])):
+            return cached[2]
+        codes, absmax, nested_absmax, nested_code, offset = params
+        nested = nested_absmax is not None
+        qw = QuantizedWeight(
+            codes.view(-1), absmax if nested else _from_bits(absmax), self.weight_shape,
+            self.weight_dtype, self.blocksize, self.quant_type, _from_bits(nested_absmax),
+            _from_bits(nested_code), _from_bits(offset).reshape(()) if nested else None,
         )
+        self._qweight_cache = (key, params, qw)
+        return qw
 
     @qweight.setter
     def qweight(self, qw: QuantizedWeight) -> None:

@@ -214,19 +214,21 @@ class QuantizedWeight:
             self._gemv = cached = (self.packed, self.absmax, args)
         return cached[2]
 
-    def decode_matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None, adapters=None) -> torch.Tensor | None:
+    def decode_matmul(
+        self, x: torch.Tensor, bias: torch.Tensor | None = None, lora: _native.LoraArgs | None = None
+    ) -> torch.Tensor | None:
         """x Wᵀ + bias without building W, for the few rows of a decode step; None where no such kernel applies
         (then dequantize and matmul). CPU: the kit's kernel (`_native.gemm_4bit`, up to GEMV_MAX_ROWS rows), which
-        also adds LoRA deltas given as `adapters` = (factors, row_adapter), see gemm_4bit; CUDA: bitsandbytes'
-        gemv_4bit, for one row, as its own matmul_4bit picks it (no `adapters`). Not differentiable: for
+        also adds each row's LoRA delta given as `lora` (`_native.lora_args`); CUDA: bitsandbytes' gemv_4bit, for
+        one row, as its own matmul_4bit picks it (no `lora`). Not differentiable: for
         inference only. Each weight is the value `dequantize(x.dtype)` gives; only the order of the fp32
         additions differs from F.linear(x, W) (CPU: within one output ulp plus k·2⁻²⁴·Σ|x||w|, see gemv4.c)."""
         k = self.shape[-1]
         if self.device.type == "cpu":
             if not _native.gemv_supported(x, k, self.blocksize):
                 return None
-            return _native.gemm_4bit(x, self.gemv_args(), bias, *(adapters or ()))
-        if self.device.type != "cuda" or adapters or x.numel() != k or k % self.blocksize or x.dtype not in FLOAT_DTYPES:
+            return _native.gemm_4bit(x, self.gemv_args(), bias, lora)
+        if self.device.type != "cuda" or lora is not None or x.numel() != k or k % self.blocksize or x.dtype not in FLOAT_DTYPES:
             return None
         _bnb()
         y = torch.ops.bitsandbytes.gemv_4bit.default(

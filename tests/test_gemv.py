@@ -16,7 +16,7 @@ from qlora_kit.lora import LoraConfig, QLinear, linear_4bit, route_rows
 from qlora_kit.quant import QuantConfig, QuantizedWeight
 
 pytestmark = pytest.mark.skipif(not _native.HAVE_GEMV, reason="native decode kernel not built")
-ISAS = [isa for isa in (2, 1, 0) if isa <= _native.GEMV_ISA]
+ISAS = [isa for isa in (3, 2, 1, 0) if isa <= _native.GEMV_ISA]
 
 
 def _ulp(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -130,3 +130,44 @@ def test_qlinear_decode_with_adapters_matches_the_prefill_path():
     assert torch.allclose(fast.float(), slow.float(), rtol=2e-2, atol=2e-2)
     base = linear_4bit(xs[1:2], qw).detach()
     assert torch.allclose(mixed[0].float(), fast[0].float(), atol=1e-2) and torch.equal(mixed[1:2], base)
+
+
+def test_fused_decode_sees_adapters_changed_in_place_between_calls():
+    """The kernel's arguments are cached per batch composition; an adapter trained in place (same storage, as an
+    optimizer step leaves it) must not be served from a stale copy."""
+    torch.manual_seed(0)
+    qw, _, _ = _case(64, 128, 1, torch.bfloat16, QuantConfig(), False)
+    layer = QLinear(qw)
+    layer.add_adapter("a", LoraConfig(r=4))
+    x = torch.randn(2, 1, 128).to(torch.bfloat16)
+    with torch.no_grad():
+        before = layer(x)
+        layer.lora_B["a"].weight.normal_()  # in place: same data_ptr, new version
+        after = layer(x)
+        layer._decode = lambda x: None
+        unfused = layer(x)
+    assert not torch.equal(before, after)
+    assert torch.allclose(after.float(), unfused.float(), rtol=2**-7, atol=2**-7)
+
+
+def test_dense_decode_head_matches_f_linear():
+    from qlora_kit.lora import DecodeLinear
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(96, 200, bias=True).to(torch.bfloat16)
+    ref_w, ref_b = head.weight.clone(), head.bias.clone()
+    head.__class__ = DecodeLinear
+    for m in (1, 3, 16):
+        x = torch.randn(m, 96).to(torch.bfloat16)
+        with torch.no_grad():
+            y = head(x)
+        ref = F.linear(x, ref_w, ref_b)
+        scale = F.linear(x.double().abs(), ref_w.double().abs()) + ref_b.double().abs()
+        bound = _ulp(ref.double(), torch.bfloat16) + 2 * 96 * 2.0**-24 * scale
+        assert bool(((y.double() - ref.double()).abs() <= bound).all())
+        for isa in ISAS:  # every kernel this machine has, the portable one included
+            yi = _native.dense_gemm(x, ref_w, ref_b, isa=isa)
+            assert bool(((yi.double() - ref.double()).abs() <= bound).all())
+    xg = torch.randn(2, 96).to(torch.bfloat16).requires_grad_(True)
+    head(xg).sum().backward()  # training: nn.Linear's own path, differentiable
+    assert xg.grad is not None

@@ -18,7 +18,8 @@
  * the hot loop. Requires in_features % 32 == 0 and a blocksize that is a multiple of 32 (every bitsandbytes
  * blocksize), so that no block or row boundary falls inside a chunk; the caller falls back otherwise.
  *
- * Kernels: AVX-512 (a 16-entry table is one permute), AVX2 + FMA + F16C (two permutes and a blend), and portable C,
+ * Kernels: AVX-512 BF16 for bf16 activations (vdpbf16ps on bf16 pairs), AVX-512 (a 16-entry table is one
+ * permute), AVX2 + FMA + F16C (two permutes and a blend), and portable C,
  * picked at run time with __builtin_cpu_supports. Output rows are split across OpenMP threads.
  */
 #include <stdint.h>
@@ -91,8 +92,9 @@ static inline void block_table(const g4_weight *w, int64_t b, float lut[G4_NCODE
 /* Portable: per chunk, byte i holds element 2i (high nibble, split-x index i) and 2i+1 (low, index 16 + i). */
 static void row_scalar(const g4_weight *w, int64_t j, const float *xs, int64_t m, float *acc) {
     const int64_t k = w->k, row0 = j * k;
-    for (int64_t c0 = 0; c0 < k;) {
-        const int64_t b = (row0 + c0) / w->bs;
+    /* one division per row: after the first (which may start inside a block that began on the row above),
+     * every block starts where the last ended */
+    for (int64_t c0 = 0, b = row0 / w->bs; c0 < k; b++) {
         int64_t c1 = (b + 1) * w->bs - row0;
         c1 = c1 < k ? c1 : k;
         float lut[G4_NCODES];
@@ -128,12 +130,15 @@ G4_AVX512 __m512 table512(const g4_weight *w, int64_t b) {
 }
 
 G4_AVX512 void row512_mr(const g4_weight *w, int64_t j, const float *xs, int mr, float *acc) {
+    /* two accumulators per row (even and odd halves of a chunk): at one row a single chain of dependent
+     * multiply-adds, not the loads, set the pace */
     const int64_t k = w->k, row0 = j * k;
-    __m512 a[G4_MAX_ROWS];
-    for (int r = 0; r < mr; r++) a[r] = _mm512_setzero_ps();
+    __m512 a[G4_MAX_ROWS], b2[G4_MAX_ROWS];
+    for (int r = 0; r < mr; r++) a[r] = b2[r] = _mm512_setzero_ps();
     const __m512i nib = _mm512_set1_epi32(15);
-    for (int64_t c0 = 0; c0 < k;) {
-        const int64_t b = (row0 + c0) / w->bs;
+    /* one division per row: after the first (which may start inside a block that began on the row above),
+     * every block starts where the last ended */
+    for (int64_t c0 = 0, b = row0 / w->bs; c0 < k; b++) {
         int64_t c1 = (b + 1) * w->bs - row0;
         c1 = c1 < k ? c1 : k;
         const __m512 lut = table512(w, b);
@@ -144,12 +149,12 @@ G4_AVX512 void row512_mr(const g4_weight *w, int64_t j, const float *xs, int mr,
             for (int r = 0; r < mr; r++) {
                 const float *x = xs + r * k + c;
                 a[r] = _mm512_fmadd_ps(whi, _mm512_loadu_ps(x), a[r]);
-                a[r] = _mm512_fmadd_ps(wlo, _mm512_loadu_ps(x + 16), a[r]);
+                b2[r] = _mm512_fmadd_ps(wlo, _mm512_loadu_ps(x + 16), b2[r]);
             }
         }
         c0 = c1;
     }
-    for (int r = 0; r < mr; r++) acc[r] += _mm512_reduce_add_ps(a[r]);
+    for (int r = 0; r < mr; r++) acc[r] += _mm512_reduce_add_ps(_mm512_add_ps(a[r], b2[r]));
 }
 
 __attribute__((target("avx512f,fma"))) static void row_avx512(const g4_weight *w, int64_t j, const float *xs,
@@ -165,6 +170,104 @@ __attribute__((target("avx512f,fma"))) static void row_avx512(const g4_weight *w
     }
 }
 
+/* AVX-512 BF16, for bf16 activations: vdpbf16ps multiplies bf16 pairs (exact products, fp32 sums), two weights per
+ * lane per instruction. x is read as it lies in memory, element pairs (2i, 2i+1) per 32-bit lane; a chunk's codes
+ * give the same pairs by looking the even elements (high nibbles) up in a table holding each level's bf16 bits
+ * in the low half of a lane, the odd ones (low nibbles) in one holding them in the high half. The weights are
+ * the bf16 values table512 rounds to, so the products are the fp32 path's; only the additions' order differs
+ * (and vdpbf16ps flushes denormals, far below any sum's rounding). */
+#define G4_BF16DP __attribute__((target("avx512f,avx512bf16,fma"), always_inline)) static inline
+
+G4_BF16DP void row512bf_mr(const g4_weight *w, int64_t j, const uint16_t *x, int mr, float *acc) {
+    /* chunks alternate between two accumulators per row, for the same reason as row512_mr's two */
+    const int64_t k = w->k, row0 = j * k;
+    __m512 a[2][G4_MAX_ROWS];
+    for (int r = 0; r < mr; r++) a[0][r] = a[1][r] = _mm512_setzero_ps();
+    const __m512i nib = _mm512_set1_epi32(15);
+    /* one division per row: after the first (which may start inside a block that began on the row above),
+     * every block starts where the last ended */
+    for (int64_t c0 = 0, b = row0 / w->bs; c0 < k; b++) {
+        int64_t c1 = (b + 1) * w->bs - row0;
+        c1 = c1 < k ? c1 : k;
+        const __m512i hi = _mm512_castps_si512(table512(w, b)), lo = _mm512_srli_epi32(hi, 16);
+        for (int64_t c = c0; c < c1; c += 2 * G4_CHUNK) {
+            for (int h = 0; h < 2 && c + h * G4_CHUNK < c1; h++) {
+                const int64_t cc = c + h * G4_CHUNK;
+                const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w->packed + (row0 + cc) / 2)));
+                const __m512i pairs = _mm512_or_si512(_mm512_permutexvar_epi32(_mm512_srli_epi32(v, 4), lo),
+                                                      _mm512_permutexvar_epi32(_mm512_and_si512(v, nib), hi));
+                for (int r = 0; r < mr; r++)
+                    a[h][r] = _mm512_dpbf16_ps(a[h][r], (__m512bh)pairs, (__m512bh)_mm512_loadu_si512(x + r * k + cc));
+            }
+        }
+        c0 = c1;
+    }
+    for (int r = 0; r < mr; r++) acc[r] += _mm512_reduce_add_ps(_mm512_add_ps(a[0][r], a[1][r]));
+}
+
+__attribute__((target("avx512f,avx512bf16,fma"))) static void row_bf16dp(const g4_weight *w, int64_t j,
+                                                                        const uint16_t *x, int64_t m, float *acc) {
+    for (int64_t r = 0; r < m;) {
+        const int64_t left = m - r;
+        const uint16_t *xr = x + r * w->k;
+        if (left >= 8) row512bf_mr(w, j, xr, 8, acc + r), r += 8;
+        else if (left >= 4) row512bf_mr(w, j, xr, 4, acc + r), r += 4;
+        else if (left >= 2) row512bf_mr(w, j, xr, 2, acc + r), r += 2;
+        else row512bf_mr(w, j, xr, 1, acc + r), r += 1;
+    }
+}
+
+/* Two output rows j, j+1 at once, for a W whose rows hold whole blocks (k % blocksize == 0): each chunk of x is
+ * loaded once for both, which at several rows of x halves the loads that otherwise keep pace with the dot
+ * products. */
+G4_BF16DP void row512bf2_mr(const g4_weight *w, int64_t j, const uint16_t *x, int mr, float *acc0, float *acc1) {
+    const int64_t k = w->k, row0 = j * k, per_row = k / w->bs;
+    __m512 a0[G4_MAX_ROWS / 2], a1[G4_MAX_ROWS / 2];
+    for (int r = 0; r < mr; r++) a0[r] = a1[r] = _mm512_setzero_ps();
+    const __m512i nib = _mm512_set1_epi32(15);
+    for (int64_t c0 = 0, b = row0 / w->bs; c0 < k; c0 += w->bs, b++) {
+        const __m512i hi0 = _mm512_castps_si512(table512(w, b)), lo0 = _mm512_srli_epi32(hi0, 16);
+        const __m512i hi1 = _mm512_castps_si512(table512(w, b + per_row)), lo1 = _mm512_srli_epi32(hi1, 16);
+        for (int64_t c = c0; c < c0 + w->bs; c += G4_CHUNK) {
+            const __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w->packed + (row0 + c) / 2)));
+            const __m512i v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w->packed + (row0 + k + c) / 2)));
+            const __m512i p0 = _mm512_or_si512(_mm512_permutexvar_epi32(_mm512_srli_epi32(v0, 4), lo0),
+                                               _mm512_permutexvar_epi32(_mm512_and_si512(v0, nib), hi0));
+            const __m512i p1 = _mm512_or_si512(_mm512_permutexvar_epi32(_mm512_srli_epi32(v1, 4), lo1),
+                                               _mm512_permutexvar_epi32(_mm512_and_si512(v1, nib), hi1));
+            for (int r = 0; r < mr; r++) {
+                const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + r * k + c);
+                a0[r] = _mm512_dpbf16_ps(a0[r], (__m512bh)p0, xv);
+                a1[r] = _mm512_dpbf16_ps(a1[r], (__m512bh)p1, xv);
+            }
+        }
+    }
+    for (int r = 0; r < mr; r++) {
+        acc0[r] += _mm512_reduce_add_ps(a0[r]);
+        acc1[r] += _mm512_reduce_add_ps(a1[r]);
+    }
+}
+
+__attribute__((target("avx512f,avx512bf16,fma"))) static void rows2_bf16dp(const g4_weight *w, int64_t j,
+                                                                          const uint16_t *x, int64_t m, float *acc0,
+                                                                          float *acc1) {
+    for (int64_t r = 0; r < m;) {
+        const int64_t left = m - r;
+        const uint16_t *xr = x + r * w->k;
+        if (left >= 8) row512bf2_mr(w, j, xr, 8, acc0 + r, acc1 + r), r += 8;
+        else if (left >= 4) row512bf2_mr(w, j, xr, 4, acc0 + r, acc1 + r), r += 4;
+        else if (left >= 2) row512bf2_mr(w, j, xr, 2, acc0 + r, acc1 + r), r += 2;
+        else row512bf2_mr(w, j, xr, 1, acc0 + r, acc1 + r), r += 1;
+    }
+}
+
+static int have_bf16dp(int isa) {
+    __builtin_cpu_init();
+    return isa >= 3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+}
+#endif
+
+#ifdef G4_X86
 /* AVX2: a 16-entry table is two 8-entry permutes, the code's bit 3 choosing between them. */
 #define G4_AVX2 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline
 
@@ -190,8 +293,9 @@ G4_AVX2 void row256_mr(const g4_weight *w, int64_t j, const float *xs, int mr, f
     __m256 a[4];
     for (int r = 0; r < mr; r++) a[r] = _mm256_setzero_ps();
     const __m256i nib = _mm256_set1_epi32(15);
-    for (int64_t c0 = 0; c0 < k;) {
-        const int64_t b = (row0 + c0) / w->bs;
+    /* one division per row: after the first (which may start inside a block that began on the row above),
+     * every block starts where the last ended */
+    for (int64_t c0 = 0, b = row0 / w->bs; c0 < k; b++) {
         int64_t c1 = (b + 1) * w->bs - row0;
         c1 = c1 < k ? c1 : k;
         const float am = block_absmax(w, b);
@@ -245,45 +349,117 @@ static row_fn pick(int isa) {
     return row_scalar;
 }
 
-/* The kernel this machine runs: 2 AVX-512, 1 AVX2, 0 portable C. */
+/* The kernel this machine runs: 3 AVX-512 BF16 (bf16 activations; others take 2), 2 AVX-512, 1 AVX2, 0 C. */
 int g4_isa(void) {
     row_fn f = pick(2);
 #ifdef G4_X86
+    if (have_bf16dp(3)) return 3;
     if (f == row_avx512) return 2;
     if (f == row_avx2) return 1;
 #endif
     return 0;
 }
 
-/* LoRA adapters fused into the same pass: row r of x uses adapter row_adapter[r] (-1: none), whose fp32 factors
- * are A (rank x k) and B (n x rank), scaled by `scale`. Each adds what QLinear's unfused path adds: the delta
- * scale * B (A x) in fp32, rounded to the output dtype, added to the rounded base output and rounded again. */
-typedef struct {
-    const float *const *a, *const *b;
-    const int64_t *rank;
-    const float *scale;
-    const int32_t *row_adapter; /* NULL: no adapters */
-} g4_lora;
-
+/* LoRA adapters fused into the same call: row r of x uses adapter row_adapter[r] (-1: none), whose fp32 factors
+ * are A (rank x k) and B given transposed, Bt (rank x n), scaled by `scale`. Each adds what QLinear's unfused path
+ * adds: the delta scale * B (A x) in fp32, rounded to the output dtype, added to the rounded base output and
+ * rounded again. B comes transposed so that B (A x) is `rank` multiply-adds of whole rows of Bt, vectorised over
+ * the outputs, instead of one short dot product (and its horizontal sum) per output per row. */
 enum { G4_MAX_RANK = 256 };
 
-static float lora_delta(const g4_lora *l, const float *u, int32_t ad, int64_t j) {
-    const float *bj = l->b[ad] + j * l->rank[ad];
+/* fp32 dot products for the LoRA factors (A x over k, then B_j . u over the rank): vectorised, since a serial
+ * fp32 sum of k products per rank per row cost as much as the 4-bit matmul itself at batch 8. */
+typedef float (*dot_fn)(const float *, const float *, int64_t);
+
+static float dot_scalar(const float *a, const float *b, int64_t n) {
     float d = 0.0f;
-    for (int64_t i = 0; i < l->rank[ad]; i++) d += u[i] * bj[i];
-    return d * l->scale[ad];
+    for (int64_t i = 0; i < n; i++) d += a[i] * b[i];
+    return d;
+}
+
+#ifdef G4_X86
+__attribute__((target("avx512f,fma"))) static float dot_avx512(const float *a, const float *b, int64_t n) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
+    }
+    for (; i < n; i += 16) { /* masked tail: lanes past n load zeros */
+        const __mmask16 mk = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+        s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, a + i), _mm512_maskz_loadu_ps(mk, b + i), s0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+
+__attribute__((target("avx2,fma"))) static float dot_avx2(const float *a, const float *b, int64_t n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    float s[8];
+    _mm256_storeu_ps(s, _mm256_add_ps(s0, s1));
+    float d = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+    for (; i < n; i++) d += a[i] * b[i];
+    return d;
+}
+#endif
+
+static dot_fn pick_dot(int isa) {
+#ifdef G4_X86
+    __builtin_cpu_init();
+    if (isa >= 2 && __builtin_cpu_supports("avx512f")) return dot_avx512;
+    if (isa >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return dot_avx2;
+#endif
+    (void)isa;
+    return dot_scalar;
+}
+
+/* d[0..n) += a * v[0..n): the rows of Bt into a row's delta */
+typedef void (*axpy_fn)(float *, float, const float *, int64_t);
+
+static void axpy_scalar(float *d, float a, const float *v, int64_t n) {
+    for (int64_t j = 0; j < n; j++) d[j] += a * v[j];
+}
+
+#ifdef G4_X86
+__attribute__((target("avx512f,fma"))) static void axpy_avx512(float *d, float a, const float *v, int64_t n) {
+    const __m512 av = _mm512_set1_ps(a);
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) _mm512_storeu_ps(d + j, _mm512_fmadd_ps(av, _mm512_loadu_ps(v + j), _mm512_loadu_ps(d + j)));
+    for (; j < n; j++) d[j] += a * v[j];
+}
+
+__attribute__((target("avx2,fma"))) static void axpy_avx2(float *d, float a, const float *v, int64_t n) {
+    const __m256 av = _mm256_set1_ps(a);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) _mm256_storeu_ps(d + j, _mm256_fmadd_ps(av, _mm256_loadu_ps(v + j), _mm256_loadu_ps(d + j)));
+    for (; j < n; j++) d[j] += a * v[j];
+}
+#endif
+
+static axpy_fn pick_axpy(int isa) {
+#ifdef G4_X86
+    __builtin_cpu_init();
+    if (isa >= 2 && __builtin_cpu_supports("avx512f")) return axpy_avx512;
+    if (isa >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return axpy_avx2;
+#endif
+    (void)isa;
+    return axpy_scalar;
 }
 
 /* y[m, n] = x[m, k] W^T + bias (+ the rows' LoRA deltas), in `dtype` (0 fp32, 1 bf16, 2 fp16; x, bias and y share
  * it). W is n x k in the bitsandbytes 4-bit layout: `absmax` fp32 per block, or (absmax NULL) double quantization
- * given by qabsmax, nested_absmax, nested_code and offset. Adapters: n_adapters entries of lora_a / lora_b /
+ * given by qabsmax, nested_absmax, nested_code and offset. Adapters: n_adapters entries of lora_a / lora_bt /
  * lora_rank / lora_scale, and row_adapter[m] (NULL when n_adapters is 0). `isa` caps the kernel (2 AVX-512,
  * 1 AVX2, 0 C; tests compare them). Returns 0, or -1 for arguments outside what the kernel handles (the caller
  * then takes the dequantize path). */
 int g4_gemm(const void *x, int64_t m, int64_t k, int dtype, const uint8_t *packed, const float *absmax,
             const uint8_t *qabsmax, const float *nested_absmax, const float *nested_code, float offset,
             const float *code, int64_t n, int64_t blocksize, const void *bias, int n_adapters,
-            const float *const *lora_a, const float *const *lora_b, const int64_t *lora_rank,
+            const float *const *lora_a, const float *const *lora_bt, const int64_t *lora_rank,
             const float *lora_scale, const int32_t *row_adapter, void *y, int isa, int nthreads) {
     if (m < 1 || m > G4_MAX_ROWS || k <= 0 || k % G4_CHUNK || n <= 0 || blocksize <= 0 || blocksize % G4_CHUNK)
         return -1;
@@ -293,40 +469,199 @@ int g4_gemm(const void *x, int64_t m, int64_t k, int dtype, const uint8_t *packe
         if (lora_rank[a] < 1 || lora_rank[a] > G4_MAX_RANK) return -1;
     for (int64_t r = 0; n_adapters && r < m; r++)
         if (row_adapter[r] >= n_adapters) return -1;
-    float *xs = malloc((size_t)(m * k + m * G4_MAX_RANK) * sizeof *xs);
+    float *xs = malloc((size_t)(2 * m * k + m * G4_MAX_RANK + (n_adapters ? m * n : 0)) * sizeof *xs);
     if (!xs) return -1;
-    float *u = xs + m * k; /* per row: A x, the adapter's rank values */
+    float *xf = xs + m * k, *u = xf + m * k; /* x in fp32 as it is; per row: A x, the adapter's rank values */
+    float *delta = n_adapters ? u + m * G4_MAX_RANK : NULL; /* per row: B (A x), before the scale */
+    const dot_fn dot = pick_dot(isa);
+    const axpy_fn axpy = pick_axpy(isa);
     for (int64_t r = 0; r < m; r++) { /* fp32, each chunk's even elements first, then its odd ones */
+        for (int64_t c = 0; c < k; c++) xf[r * k + c] = load_f32(x, dtype, r * k + c);
         for (int64_t c = 0; c < k; c += G4_CHUNK)
             for (int i = 0; i < G4_CHUNK / 2; i++) {
-                xs[r * k + c + i] = load_f32(x, dtype, r * k + c + 2 * i);
-                xs[r * k + c + 16 + i] = load_f32(x, dtype, r * k + c + 2 * i + 1);
+                xs[r * k + c + i] = xf[r * k + c + 2 * i];
+                xs[r * k + c + 16 + i] = xf[r * k + c + 2 * i + 1];
             }
         const int32_t ad = n_adapters ? row_adapter[r] : -1;
-        for (int64_t i = 0; ad >= 0 && i < lora_rank[ad]; i++) {
-            const float *ai = lora_a[ad] + i * k;
-            float d = 0.0f;
-            for (int64_t c = 0; c < k; c++) d += load_f32(x, dtype, r * k + c) * ai[c];
-            u[r * G4_MAX_RANK + i] = d;
+        if (ad < 0) continue;
+        float *d = delta + r * n;
+        memset(d, 0, (size_t)n * sizeof *d);
+        for (int64_t i = 0; i < lora_rank[ad]; i++) {
+            u[r * G4_MAX_RANK + i] = dot(xf + r * k, lora_a[ad] + i * k, k);
+            axpy(d, u[r * G4_MAX_RANK + i], lora_bt[ad] + i * n, n);
         }
     }
     const g4_weight w = {packed, absmax, qabsmax, nested_absmax, nested_code, offset, code, n, k, blocksize, dtype};
-    const g4_lora lora = {lora_a, lora_b, lora_rank, lora_scale, n_adapters ? row_adapter : NULL};
     const row_fn row = pick(isa);
+#ifdef G4_X86
+    const int bf16dp = dtype == G4_BF16 && have_bf16dp(isa);
+#else
+    const int bf16dp = 0;
+#endif
+    int64_t nw = n * k / G4_MIN_PER_THREAD;
+    nw = nw < nthreads ? nw : nthreads;
+    nw = nw < 1 ? 1 : nw;
+    const int paired = bf16dp && k % blocksize == 0; /* output rows two at a time (row512bf2_mr) */
+    const int64_t steps = paired ? (n + 1) / 2 : n;
+#pragma omp parallel for schedule(static) num_threads((int)nw)
+    for (int64_t s = 0; s < steps; s++) {
+        float acc[2][G4_MAX_ROWS] = {{0}};
+        const int64_t j = paired ? 2 * s : s, count = paired && j + 1 < n ? 2 : 1;
+#ifdef G4_X86
+        if (count == 2) rows2_bf16dp(&w, j, (const uint16_t *)x, m, acc[0], acc[1]);
+        else if (bf16dp) row_bf16dp(&w, j, (const uint16_t *)x, m, acc[0]);
+        else
+#endif
+            row(&w, j, xs, m, acc[0]);
+        for (int64_t t = 0; t < count; t++)
+            for (int64_t r = 0; r < m; r++) {
+                float v = as_dtype(bias ? acc[t][r] + load_f32(bias, dtype, j + t) : acc[t][r], dtype);
+                const int32_t ad = n_adapters ? row_adapter[r] : -1;
+                if (ad >= 0) v += as_dtype(delta[r * n + j + t] * lora_scale[ad], dtype);
+                store(y, dtype, r * n + j + t, v);
+            }
+    }
+    free(xs);
+    return 0;
+}
+
+/* ---- dense: y = x W^T for a 16-bit W (the LM head, any layer kept unquantized) and the same few rows ----
+ * torch's bf16 matmul reads such a W at a third of the memory bandwidth at one row; here each weight is widened
+ * to fp32 in a register (exact) and multiplied as above: the products are F.linear's, accumulated in fp32 in
+ * another order, rounded once to the output dtype. k % 16 == 0. */
+typedef void (*dense_fn)(const uint16_t *, int, int64_t, const float *, int64_t, float *);
+
+static void dense_scalar(const uint16_t *wj, int dtype, int64_t k, const float *xf, int64_t m, float *acc) {
+    for (int64_t r = 0; r < m; r++) {
+        float s = 0.0f;
+        for (int64_t c = 0; c < k; c++) s += xf[r * k + c] * load_f32(wj, dtype, c);
+        acc[r] = s;
+    }
+}
+
+#ifdef G4_X86
+G4_AVX512 __m512 widen512(const uint16_t *p, int dtype) {
+    const __m256i h = _mm256_loadu_si256((const __m256i *)p);
+    if (dtype == G4_BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return _mm512_cvtph_ps(h);
+}
+
+G4_AVX512 void dense512_mr(const uint16_t *wj, int dtype, int64_t k, const float *xf, int mr, float *acc) {
+    __m512 a[G4_MAX_ROWS];
+    for (int r = 0; r < mr; r++) a[r] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < k; c += 16) {
+        const __m512 wv = widen512(wj + c, dtype);
+        for (int r = 0; r < mr; r++) a[r] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xf + r * k + c), a[r]);
+    }
+    for (int r = 0; r < mr; r++) acc[r] = _mm512_reduce_add_ps(a[r]);
+}
+
+__attribute__((target("avx512f,fma"))) static void dense_avx512(const uint16_t *wj, int dtype, int64_t k,
+                                                                const float *xf, int64_t m, float *acc) {
+    for (int64_t r = 0; r < m;) {
+        const int64_t left = m - r;
+        const float *x = xf + r * k;
+        if (left >= 8) dense512_mr(wj, dtype, k, x, 8, acc + r), r += 8;
+        else if (left >= 4) dense512_mr(wj, dtype, k, x, 4, acc + r), r += 4;
+        else if (left >= 2) dense512_mr(wj, dtype, k, x, 2, acc + r), r += 2;
+        else dense512_mr(wj, dtype, k, x, 1, acc + r), r += 1;
+    }
+}
+
+G4_BF16DP void dense512bf_mr(const uint16_t *wj, int64_t k, const uint16_t *x, int mr, float *acc) {
+    __m512 a[G4_MAX_ROWS];
+    for (int r = 0; r < mr; r++) a[r] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < k; c += 32) {
+        const __m512i wv = _mm512_loadu_si512(wj + c);
+        for (int r = 0; r < mr; r++)
+            a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)wv, (__m512bh)_mm512_loadu_si512(x + r * k + c));
+    }
+    for (int r = 0; r < mr; r++) acc[r] = _mm512_reduce_add_ps(a[r]);
+}
+
+/* bf16 W and x, k % 32 == 0: the pairs as they lie in memory (x passed as-is, not widened) */
+__attribute__((target("avx512f,avx512bf16,fma"))) static void dense_bf16dp(const uint16_t *wj, int64_t k,
+                                                                          const uint16_t *x, int64_t m, float *acc) {
+    for (int64_t r = 0; r < m;) {
+        const int64_t left = m - r;
+        const uint16_t *xr = x + r * k;
+        if (left >= 8) dense512bf_mr(wj, k, xr, 8, acc + r), r += 8;
+        else if (left >= 4) dense512bf_mr(wj, k, xr, 4, acc + r), r += 4;
+        else if (left >= 2) dense512bf_mr(wj, k, xr, 2, acc + r), r += 2;
+        else dense512bf_mr(wj, k, xr, 1, acc + r), r += 1;
+    }
+}
+
+G4_AVX2 __m256 widen256(const uint16_t *p, int dtype) {
+    const __m128i h = _mm_loadu_si128((const __m128i *)p);
+    if (dtype == G4_BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return _mm256_cvtph_ps(h);
+}
+
+G4_AVX2 void dense256_mr(const uint16_t *wj, int dtype, int64_t k, const float *xf, int mr, float *acc) {
+    __m256 a[4];
+    for (int r = 0; r < mr; r++) a[r] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < k; c += 8) {
+        const __m256 wv = widen256(wj + c, dtype);
+        for (int r = 0; r < mr; r++) a[r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xf + r * k + c), a[r]);
+    }
+    for (int r = 0; r < mr; r++) {
+        float s[8];
+        _mm256_storeu_ps(s, a[r]);
+        acc[r] = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+    }
+}
+
+__attribute__((target("avx2,fma,f16c"))) static void dense_avx2(const uint16_t *wj, int dtype, int64_t k,
+                                                               const float *xf, int64_t m, float *acc) {
+    for (int64_t r = 0; r < m;) {
+        const int64_t left = m - r;
+        const float *x = xf + r * k;
+        if (left >= 4) dense256_mr(wj, dtype, k, x, 4, acc + r), r += 4;
+        else if (left >= 2) dense256_mr(wj, dtype, k, x, 2, acc + r), r += 2;
+        else dense256_mr(wj, dtype, k, x, 1, acc + r), r += 1;
+    }
+}
+#endif
+
+static dense_fn pick_dense(int isa) {
+#ifdef G4_X86
+    __builtin_cpu_init();
+    if (isa >= 2 && __builtin_cpu_supports("avx512f")) return dense_avx512;
+    if (isa >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c")) return dense_avx2;
+#endif
+    (void)isa;
+    return dense_scalar;
+}
+
+/* y[m, n] = x[m, k] W^T + bias, x, W (n x k), bias and y all in `dtype` (1 bf16, 2 fp16). Returns 0, or -1 for
+ * arguments outside what the kernel handles (the caller then calls F.linear). */
+int g4_dense(const void *x, int64_t m, int64_t k, int dtype, const uint16_t *w, int64_t n, const void *bias, void *y,
+             int isa, int nthreads) {
+    if (m < 1 || m > G4_MAX_ROWS || k <= 0 || k % 16 || n <= 0 || (dtype != G4_BF16 && dtype != G4_F16)) return -1;
+    float *xf = malloc((size_t)(m * k) * sizeof *xf);
+    if (!xf) return -1;
+    for (int64_t i = 0; i < m * k; i++) xf[i] = load_f32(x, dtype, i);
+    const dense_fn row = pick_dense(isa);
+#ifdef G4_X86
+    const int bf16dp = dtype == G4_BF16 && k % 32 == 0 && have_bf16dp(isa);
+#else
+    const int bf16dp = 0;
+#endif
     int64_t nw = n * k / G4_MIN_PER_THREAD;
     nw = nw < nthreads ? nw : nthreads;
     nw = nw < 1 ? 1 : nw;
 #pragma omp parallel for schedule(static) num_threads((int)nw)
     for (int64_t j = 0; j < n; j++) {
-        float acc[G4_MAX_ROWS] = {0};
-        row(&w, j, xs, m, acc);
-        for (int64_t r = 0; r < m; r++) {
-            float v = as_dtype(bias ? acc[r] + load_f32(bias, dtype, j) : acc[r], dtype);
-            const int32_t ad = lora.row_adapter ? lora.row_adapter[r] : -1;
-            if (ad >= 0) v += as_dtype(lora_delta(&lora, u + r * G4_MAX_RANK, ad, j), dtype);
-            store(y, dtype, r * n + j, v);
-        }
+        float acc[G4_MAX_ROWS];
+#ifdef G4_X86
+        if (bf16dp) dense_bf16dp(w + j * k, k, (const uint16_t *)x, m, acc);
+        else
+#endif
+            row(w + j * k, dtype, k, xf, m, acc);
+        for (int64_t r = 0; r < m; r++) store(y, dtype, r * n + j, bias ? acc[r] + load_f32(bias, dtype, j) : acc[r]);
     }
-    free(xs);
+    free(xf);
     return 0;
 }
