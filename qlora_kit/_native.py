@@ -37,23 +37,32 @@ ABI_VERSION = 1
 REBUILD = "rebuild with `python setup.py build_ext --inplace` (or `make`)"
 
 
-def _load() -> tuple[ctypes.CDLL | None, str]:
-    """(the built kernels, "") or (None, why not). find_spec locates the file without importing it (no PyInit)."""
-    spec = importlib.util.find_spec(f"{__package__}._quant4")
+def load_library(module: str, abi_symbol: str, abi_version: int) -> tuple[ctypes.CDLL | None, str]:
+    """(the built C library `qlora_kit.<module>`, "") or (None, why not). Each library reports its interface
+    version through `abi_symbol`; a build of another version (a stale .so left from before a kernel's signature
+    or meaning changed) is never called, only reported. find_spec locates the file without importing it."""
+    spec = importlib.util.find_spec(f"{__package__}.{module}")
     if spec is None or not spec.origin:
-        return None, "the native kernels (qlora_kit._quant4) were not built: no C compiler with OpenMP at install?"
+        return None, f"the native kernels (qlora_kit.{module}) were not built: no C compiler with OpenMP at install?"
     try:
         lib = ctypes.CDLL(spec.origin)
     except OSError as e:  # another platform's build, or no OpenMP runtime
         return None, f"{spec.origin} cannot be loaded ({e})"
     try:
-        lib.q4_abi_version.restype = ctypes.c_int
-        lib.q4_abi_version.argtypes = []
-        version = lib.q4_abi_version()
+        getattr(lib, abi_symbol).restype = ctypes.c_int
+        getattr(lib, abi_symbol).argtypes = []
+        version = getattr(lib, abi_symbol)()
     except AttributeError:
         version = 0  # built before the version symbol existed
-    if version != ABI_VERSION:
-        return None, f"{spec.origin} is a stale build (ABI version {version}, this code needs {ABI_VERSION}); {REBUILD}"
+    if version != abi_version:
+        return None, f"{spec.origin} is a stale build (ABI version {version}, this code needs {abi_version}); {REBUILD}"
+    return lib, ""
+
+
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    lib, why = load_library("_quant4", "q4_abi_version", ABI_VERSION)
+    if lib is None:
+        return None, why
     ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.q4_quantize.argtypes = [ptr, i32, i64, i64, ptr, ptr, i32, ptr, ptr, i32]
     lib.q4_dequantize.argtypes = [ptr, ptr, i64, i64, ptr, i32, ptr, i32]
@@ -310,19 +319,20 @@ GEMV_MAX_ROWS = 16  # rows of x per call: the kernel keeps one accumulator per r
 GEMV_CHUNK = 32  # in_features and the blocksize must be multiples of it
 
 
+GEMV_ABI_VERSION = 2
+"""csrc/gemv4.c's G4_ABI_VERSION (2: LoRA B passed transposed, g4_dense added)."""
+
+
 def _load_gemv() -> ctypes.CDLL | None:
-    spec = importlib.util.find_spec(f"{__package__}._gemv4")
-    if spec is None or not spec.origin:
+    lib, why = load_library("_gemv4", "g4_abi_version", GEMV_ABI_VERSION)
+    if lib is None:
+        log.debug("decode kernel unavailable: %s", why)
         return None
     ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    try:
-        lib = ctypes.CDLL(spec.origin)
-        lib.g4_gemm.argtypes = [ptr, i64, i64, i32, ptr, ptr, ptr, ptr, ptr, ctypes.c_float, ptr, i64, i64, ptr,
-                                i32, ptr, ptr, ptr, ptr, ptr, ptr, i32, i32]
-        lib.g4_dense.argtypes = [ptr, i64, i64, i32, ptr, i64, ptr, ptr, i32, i32]
-        lib.g4_isa.argtypes = []
-    except (OSError, AttributeError):
-        return None
+    lib.g4_gemm.argtypes = [ptr, i64, i64, i32, ptr, ptr, ptr, ptr, ptr, ctypes.c_float, ptr, i64, i64, ptr,
+                            i32, ptr, ptr, ptr, ptr, ptr, ptr, i32, i32]
+    lib.g4_dense.argtypes = [ptr, i64, i64, i32, ptr, i64, ptr, ptr, i32, i32]
+    lib.g4_isa.argtypes = []
     lib.g4_gemm.restype = lib.g4_dense.restype = lib.g4_isa.restype = i32
     return lib
 

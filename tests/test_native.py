@@ -399,6 +399,7 @@ def test_native_kernels_are_built_where_required():
     if os.environ.get("QLORA_KIT_REQUIRE_NATIVE") != "1":
         pytest.skip("QLORA_KIT_REQUIRE_NATIVE is not set (make test sets it)")
     assert _native.HAVE_NATIVE, _native.UNAVAILABLE
+    assert _native.HAVE_GEMV, _native.load_library("_gemv4", "g4_abi_version", _native.GEMV_ABI_VERSION)[1]
 
 
 def _build(tmp_path, source: str, *flags: str):
@@ -434,6 +435,22 @@ def test_a_stale_build_is_never_called(tmp_path, monkeypatch, source, version):
     assert lib is None
     assert f"is a stale build (ABI version {version}, this code needs {_native.ABI_VERSION})" in why
     assert "build_ext --inplace" in why
+
+
+def test_a_stale_decode_kernel_is_never_called(tmp_path, monkeypatch):
+    """gemv4.c changed meaning once (LoRA B now comes transposed): a build from before must not be called with
+    the new arguments, however well its symbols line up."""
+    import importlib.util
+    from importlib.machinery import ModuleSpec
+
+    path = _build(tmp_path, "int g4_gemm(void) { return 0; }\nint g4_dense(void) { return 0; }\n"
+                            "int g4_isa(void) { return 2; }\n")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: ModuleSpec(name, None, origin=str(path))
+                        if name.endswith("._gemv4") else real(name, *a))
+    assert _native._load_gemv() is None
+    lib, why = _native.load_library("_gemv4", "g4_abi_version", _native.GEMV_ABI_VERSION)
+    assert lib is None and f"(ABI version 0, this code needs {_native.GEMV_ABI_VERSION})" in why
 
 
 def test_kernels_built_without_target_clones_give_the_same_bits(tmp_path, monkeypatch):

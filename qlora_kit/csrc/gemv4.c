@@ -37,6 +37,11 @@
 #define G4_X86 1
 #endif
 
+/* The interface version _native.py checks before calling anything here (bump both with any change of signature
+ * or meaning): 2 = LoRA B passed transposed, g4_dense. */
+#define G4_ABI_VERSION 2
+int g4_abi_version(void) { return G4_ABI_VERSION; }
+
 enum { G4_F32 = 0, G4_BF16 = 1, G4_F16 = 2 };
 enum { G4_CHUNK = 32, G4_NCODES = 16, G4_MAX_ROWS = 16, G4_NESTED_BS = 256 };
 
