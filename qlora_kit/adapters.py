@@ -28,7 +28,7 @@ from torch import nn
 from qlora_kit.safetensors_io import TensorInfo, read_header
 from qlora_kit.atomic import atomic_write
 from qlora_kit.errors import CheckpointError
-from qlora_kit.lora import LoraConfig, QLinear, route_rows
+from qlora_kit.lora import LoraConfig, QLinear, RowGroups, route_rows
 from qlora_kit.targets import RECORD_NAME, LayerRecord, read_record, record_text
 
 log = logging.getLogger(__name__)
@@ -315,9 +315,5 @@ def per_row_adapters(model: nn.Module, names: list[str | None]) -> Iterator[None
     layers = _layers(model)
     if any(layer.merged is not None for layer in layers):
         raise CheckpointError("unmerge adapters before running per-row adapter batches")
-    groups = {
-        n: torch.tensor([i for i, m in enumerate(names) if m == n], dtype=torch.long)
-        for n in dict.fromkeys(names) if n is not None
-    }
-    with route_rows(layers, groups):
+    with route_rows(layers, RowGroups(names)):
         yield

@@ -17,7 +17,7 @@ other's routing.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -252,16 +252,20 @@ class QLinear(nn.Module):
     def _lora_args(self, x: torch.Tensor, routed, factors: list) -> _native.LoraArgs | None:
         """The kernel's LoRA arguments, built once per batch composition and reused by every decode step of it:
         rebuilding pointer arrays and the row map for each of a model's hundreds of layers per token cost more
-        than the kernel itself at batch 1. The key holds everything they are built from (the routing by
-        identity, the factors by storage and scale, B's version counter since the kernel gets a transposed copy
+        than the kernel itself at batch 1. The key holds everything they are built from (the routing, the
+        factors by storage and scale, B's version counter since the kernel gets a transposed copy
         of it), so a changed adapter -- one trained in place between two generations included -- or batch gets
         new ones."""
         if not factors:
             return None
-        key = (routed, x.shape[:-1],
+        # a routing is recognised by its rows' adapter names where it carries them (per_row_adapters builds a new
+        # one each decode step), otherwise by identity (the cache holds it, so its id is not reused)
+        signature = getattr(routed, "signature", routed)
+        key = (signature, x.shape[:-1],
                tuple((n, a.data_ptr(), b.data_ptr(), b._version, a.shape, s) for n, a, b, s in factors))
         cached = self._lora_cache
-        if cached is not None and cached[0] is key[0] and cached[1:-1] == key[1:]:
+        if cached is not None and (cached[0] is signature or (isinstance(signature, tuple) and cached[0] == signature)) \
+                and cached[1:-1] == key[1:]:
             return cached[-1]
         batch_adapter = torch.full((x.shape[0],), -1, dtype=torch.int32)
         for i, (name, *_) in enumerate(factors):
@@ -374,6 +378,19 @@ class QLinear(nn.Module):
             f"quant={self.qweight.config}, "
             f"adapters={list(self.lora_A)}"
         )
+
+
+class RowGroups(dict):
+    """Batch rows per adapter name ({name: row indices}) plus `signature`, every row's adapter name in order: two
+    routings with the same signature route the same rows the same way, which lets a layer reuse what it built
+    for the last decode step's batch."""
+
+    def __init__(self, names: Sequence[str | None]) -> None:
+        super().__init__(
+            (n, torch.tensor([i for i, m in enumerate(names) if m == n], dtype=torch.long))
+            for n in dict.fromkeys(names) if n is not None
+        )
+        self.signature = tuple(names)
 
 
 _ROW_ROUTING: ContextVar[Mapping[int, Mapping[str, torch.Tensor]]] = ContextVar("qlora_kit_row_routing", default={})

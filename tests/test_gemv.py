@@ -171,3 +171,24 @@ def test_dense_decode_head_matches_f_linear():
     xg = torch.randn(2, 96).to(torch.bfloat16).requires_grad_(True)
     head(xg).sum().backward()  # training: nn.Linear's own path, differentiable
     assert xg.grad is not None
+
+
+def test_decode_reuses_its_kernel_arguments_across_steps_of_one_batch(monkeypatch):
+    """A server enters per_row_adapters anew for every decode step; the same composition must not rebuild the
+    kernel's LoRA arguments (B transposed) in every layer at every step, and a new composition must."""
+    from qlora_kit.lora import RowGroups
+
+    torch.manual_seed(0)
+    qw, _, _ = _case(64, 128, 1, torch.bfloat16, QuantConfig(), False)
+    layer = QLinear(qw)
+    for name in ("a", "b"):
+        layer.add_adapter(name, LoraConfig(r=4))
+    built = []
+    real = _native.lora_args
+    monkeypatch.setattr(_native, "lora_args", lambda *a: built.append(1) or real(*a))
+    x = torch.randn(3, 1, 128).to(torch.bfloat16)
+    with torch.no_grad():
+        for names in (["a", "b", None], ["a", "b", None], ["b", "b", None]):
+            with route_rows([layer], RowGroups(names)):
+                layer(x)
+    assert len(built) == 2
