@@ -234,16 +234,17 @@ class QLinear(nn.Module):
         """Inference on a few rows: base matmul and every row's LoRA delta in one native call (decode_matmul),
         the same sums as the unfused path in another order. None where it does not apply (gradients, dropout
         in training, adapters not in fp32, x not in the compute dtype): then the unfused path runs."""
-        if torch.is_grad_enabled() or x.dtype != self.compute_dtype or x.device.type != "cpu" or x.dim() < 2:
+        if torch.is_grad_enabled() or x.dtype != self.compute_dtype or not x.is_cpu or x.dim() < 2:
             return None
         routed = _ROW_ROUTING.get().get(id(self))
-        groups = routed if routed is not None else {self.active_adapter: None}
+        # the ModuleDicts' own dicts, not their __getitem__/__getattr__: this runs for every layer at every token
+        a_mods, b_mods, drop = self.lora_A._modules, self.lora_B._modules, self.lora_dropout._modules
         factors = []
-        for name in groups:
-            if name not in self.lora_A:
+        for name in routed if routed is not None else (self.active_adapter,):
+            if name not in a_mods:
                 continue
-            a, b = self.lora_A[name].weight, self.lora_B[name].weight
-            dropout = self.training and not isinstance(self.lora_dropout[name], nn.Identity)
+            a, b = a_mods[name]._parameters["weight"], b_mods[name]._parameters["weight"]
+            dropout = self.training and type(drop[name]) is not nn.Identity
             if dropout or a.dtype != torch.float32 or b.dtype != torch.float32 or a.shape[0] > _native.GEMV_MAX_RANK:
                 return None
             factors.append((name, a, b, self.scaling[name]))
@@ -261,8 +262,7 @@ class QLinear(nn.Module):
         # a routing is recognised by its rows' adapter names where it carries them (per_row_adapters builds a new
         # one each decode step), otherwise by identity (the cache holds it, so its id is not reused)
         signature = getattr(routed, "signature", routed)
-        key = (signature, x.shape[:-1],
-               tuple((n, a.data_ptr(), b.data_ptr(), b._version, a.shape, s) for n, a, b, s in factors))
+        key = (signature, x.shape[:-1], tuple((a.data_ptr(), b.data_ptr(), b._version, s) for _, a, b, s in factors))
         cached = self._lora_cache
         if cached is not None and (cached[0] is signature or (isinstance(signature, tuple) and cached[0] == signature)) \
                 and cached[1:-1] == key[1:]:
