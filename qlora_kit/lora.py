@@ -234,11 +234,14 @@ class QLinear(nn.Module):
         return self.qweight.decode_matmul(x, self._bias(x), (factors, batch_adapter.repeat_interleave(rows_per_batch_row)))
 
     def _per_row(self, x: torch.Tensor, result: torch.Tensor, groups: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Each batch row gets its own adapter: the base matmul once for all rows, each B·A on its rows only."""
+        """Each batch row gets its own adapter: the base matmul once for all rows, each B·A on its rows only.
+
+        Added in place: `result` is this forward's own new output, and `index_add` (not `_`) copied the whole
+        output once per adapter in the batch (16 copies per layer for 16 rows over 16 adapters)."""
         for name, rows in groups.items():
             if name in self.lora_A:
                 rows = rows.to(x.device)
-                result = result.index_add(0, rows, self.lora_delta(x.index_select(0, rows), name).to(result.dtype))
+                result.index_add_(0, rows, self.lora_delta(x.index_select(0, rows), name).to(result.dtype))
         return result
 
     def _bias(self, x: torch.Tensor) -> torch.Tensor | None:

@@ -6,11 +6,12 @@ import pytest
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from qlora_kit.errors import ConfigError
 from qlora_kit.loader import load_quantized
-from qlora_kit.lora import QUANT_STATE, LoraConfig, QLinear, add_lora, lora_parameters, merge_delta
+from qlora_kit.lora import QUANT_STATE, LoraConfig, QLinear, add_lora, lora_parameters, merge_delta, route_rows
 from qlora_kit.quant import QuantConfig, QuantizedWeight
 
 from conftest import VOCAB
@@ -98,6 +99,43 @@ def test_backward_never_saves_the_dequantized_weight():
     expected = torch.ones(4, 256, dtype=torch.bfloat16) @ layer.qweight.dequantize()
     lora_part = (torch.ones(4, 256) @ layer.lora_B["default"].weight @ layer.lora_A["default"].weight) * 2
     torch.testing.assert_close(x.grad.float(), expected.float() + lora_part, atol=0.1, rtol=0.02)
+
+
+class _NewTensorsShaped(TorchDispatchMode):
+    """Counts the tensors of one shape that ops allocate (in-place ops write into their input: not counted)."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.shape, self.count = torch.Size(shape), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.shape == self.shape and not func._schema.is_mutable:
+            self.count += 1
+        return out
+
+
+def test_per_row_adapters_add_into_the_one_output():
+    """Rows routed to four adapters on the unfused path (gradients on) get each delta added into the forward's one
+    output, which was copied once per adapter before; values and gradients are each row's alone."""
+    layer = _qlinear()
+    names = ["a", "b", "c", "d"]
+    for name in names:
+        layer.add_adapter(name, LoraConfig(r=4, alpha=8))
+        torch.nn.init.normal_(layer.lora_B[name].weight, std=0.3)
+    x = torch.randn(8, 80, dtype=torch.bfloat16, requires_grad=True)
+    groups = {n: torch.tensor([i, i + 4]) for i, n in enumerate(names)}
+    with route_rows([layer], groups), _NewTensorsShaped((8, 48)) as outputs:
+        y = layer(x)
+    assert outputs.count == 1
+    y.float().sum().backward()
+    for name, rows in groups.items():
+        layer.active_adapter = name
+        alone = x.detach()[rows].requires_grad_()
+        y_alone = layer(alone)
+        y_alone.float().sum().backward()
+        torch.testing.assert_close(y[rows], y_alone, atol=1e-2, rtol=1e-2)
+        torch.testing.assert_close(x.grad[rows], alone.grad, atol=1e-2, rtol=1e-2)
 
 
 @pytest.mark.parametrize("double_quant", [True, False])
