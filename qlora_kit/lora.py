@@ -119,8 +119,8 @@ def bucketed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     shape) it meets, about 0.6 MB each, in two caches (its primitive cache and ideep's, up to 1024 entries each),
     and a prefill's row count (batch x prompt width) is new almost every time: 100 distinct row counts against one
     1408x512 weight grew the RSS by 66 MB, and in `qlora-kit serve` these caches were 45-85 MB of the peak RSS over
-    tools/bench_serve.py's 65-80 requests. Bucketed, a server meets a few dozen row counts in its life. Each row's result is computed alone
-    (tests check the bits), so the padding changes no output."""
+    tools/bench_serve.py's 65-80 requests. Bucketed, a server meets a few dozen row counts in its life. Each row's
+    result is computed alone (tests check the bits), so the padding changes no output."""
     rows, k = x.numel() // x.shape[-1], x.shape[-1]
     x2 = x.reshape(rows, k)
     padded = row_bucket(rows)
