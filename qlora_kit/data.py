@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jinja2
-from datasets import Dataset, concatenate_datasets, load_dataset
 
 from qlora_kit.errors import DataError
 
 if TYPE_CHECKING:
+    from datasets import Dataset
+
     from qlora_kit.config import DatasetConfig
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,8 @@ class TokenizedDataset:
 def load_rows(path: str, fmt: str, split: str = "train", text_field: str = "text") -> Dataset:
     """Validated rows normalized to one schema per format: alpaca {instruction, input, output}, text {text},
     messages {messages: [{role, content}]} (ShareGPT's from/value mapped to OpenAI's role/content)."""
+    from datasets import Dataset, concatenate_datasets  # here, not at the top: see _raw_rows
+
     rows = (_normalize(row, fmt, text_field, where) for where, row in _raw_rows(path, split))
     chunks, chunk = [], []
     for row in rows:
@@ -102,7 +105,12 @@ def load_rows(path: str, fmt: str, split: str = "train", text_field: str = "text
 
 
 def _raw_rows(path: str, split: str) -> Iterator[tuple[str, Any]]:
-    """(where, row) pairs, `where` naming the file and 1-based line or row for error messages."""
+    """(where, row) pairs, `where` naming the file and 1-based line or row for error messages.
+
+    `datasets` is imported by the functions that read rows, not by this module: serving and generation only render
+    prompts, and importing it (pyarrow, pandas) added 80 MB to the server's resident memory."""
+    from datasets import load_dataset
+
     local = Path(path)
     if local.is_file() and split != "train":
         raise DataError(f"{path} is a single file, which has only the 'train' split (asked for {split!r})")
@@ -124,6 +132,8 @@ def _raw_rows(path: str, split: str) -> Iterator[tuple[str, Any]]:
 
 
 def _load_hub(name: str, split: str) -> Dataset:
+    from datasets import load_dataset
+
     try:
         return load_dataset(name, split=split)
     except Exception as e:  # the Hub fails in many ways (offline, 404, gated, no such split); all mean the same here

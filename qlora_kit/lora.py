@@ -92,11 +92,14 @@ def linear_4bit(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | 
     """Frozen 4-bit linear in x's dtype; saves only the 4-bit weight for backward.
 
     When no gradient can flow and x is a few rows (decode: tokens, not sequences), W is never built: the 4-bit
-    kernel multiplies straight from the codes (`QuantizedWeight.decode_matmul`)."""
+    kernel multiplies straight from the codes (`QuantizedWeight.decode_matmul`); more rows on the CPU (a prefill)
+    are multiplied in a bucketed row count (`bucketed_linear`)."""
     if not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))):
         y = qweight.decode_matmul(x, bias)
         if y is not None:
             return y
+        if x.device.type == "cpu" and x.dim() >= 2:
+            return bucketed_linear(x, qweight.dequantize(x.dtype), bias)
     return _Dequant4bitLinear.apply(x, qweight, bias)
 
 
@@ -117,6 +120,32 @@ def use_decode_head(model: nn.Module) -> None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if type(head) is nn.Linear:
         head.__class__ = DecodeLinear
+
+
+ROW_BUCKETS_PER_OCTAVE = 4  # row counts a CPU inference matmul is padded to per power of two (<= 25% more rows)
+
+
+def row_bucket(rows: int) -> int:
+    """`rows` rounded up to one of ROW_BUCKETS_PER_OCTAVE sizes between consecutive powers of two."""
+    step = 1 << max(0, rows.bit_length() - ROW_BUCKETS_PER_OCTAVE.bit_length())
+    return -(-rows // step) * step
+
+
+def bucketed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias) with x's rows (all but the last dim, flattened) padded with zeros to `row_bucket`.
+
+    Why: oneDNN, which runs torch's bf16 matmuls on the CPU, keeps a JIT-compiled kernel for every (row count, weight
+    shape) it meets, about 0.6 MB each, in two caches (its primitive cache and ideep's, up to 1024 entries each),
+    and a prefill's row count (batch x prompt width) is new almost every time: 100 distinct row counts against one
+    1408x512 weight grew the RSS by 66 MB, and in `qlora-kit serve` these caches were 45-85 MB of the peak RSS over
+    tools/bench_serve.py's 65-80 requests. Bucketed, a server meets a few dozen row counts in its life. Each row's
+    result is computed alone (tests check the bits), so the padding changes no output."""
+    rows, k = x.numel() // x.shape[-1], x.shape[-1]
+    x2 = x.reshape(rows, k)
+    padded = row_bucket(rows)
+    if padded != rows:
+        x2 = torch.cat([x2, x2.new_zeros(padded - rows, k)])
+    return F.linear(x2, weight, bias)[:rows].reshape(*x.shape[:-1], weight.shape[0])
 
 
 _MERGE_BLOCK = 1 << 18  # elements per row block of a merge: its fp32 product (1 MiB) stays in cache
@@ -277,11 +306,14 @@ class QLinear(nn.Module):
         return args
 
     def _per_row(self, x: torch.Tensor, result: torch.Tensor, groups: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Each batch row gets its own adapter: the base matmul once for all rows, each B·A on its rows only."""
+        """Each batch row gets its own adapter: the base matmul once for all rows, each B·A on its rows only.
+
+        Added in place: `result` is this forward's own new output, and `index_add` (not `_`) copied the whole
+        output once per adapter in the batch (16 copies per layer for 16 rows over 16 adapters)."""
         for name, rows in groups.items():
             if name in self.lora_A:
                 rows = rows.to(x.device)
-                result = result.index_add(0, rows, self.lora_delta(x.index_select(0, rows), name).to(result.dtype))
+                result.index_add_(0, rows, self.lora_delta(x.index_select(0, rows), name).to(result.dtype))
         return result
 
     def _bias(self, x: torch.Tensor) -> torch.Tensor | None:

@@ -11,7 +11,6 @@ import pytest
 import torch
 from conftest import make_model, make_tokenizer
 
-from qlora_kit import data as data_mod
 from qlora_kit.batching import (
     BatchIterator, collate, collate_packed, eval_batches, pack, packed_attention_mask, packing_efficiency,
 )
@@ -217,7 +216,7 @@ def test_unreachable_hub_dataset_is_one_clear_error(monkeypatch):
     def offline(name, split):
         raise ConnectionError(f"Couldn't reach '{name}' on the Hub (LocalEntryNotFoundError)")
 
-    monkeypatch.setattr(data_mod, "load_dataset", offline)  # never touch the network from tests
+    monkeypatch.setattr(datasets, "load_dataset", offline)  # never touch the network from tests
     with pytest.raises(DataError, match="dataset 'someone/some-set' is not a local path and could not be loaded"):
         load_rows("someone/some-set", "messages")
 

@@ -6,11 +6,14 @@ import pytest
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from qlora_kit.errors import ConfigError
 from qlora_kit.loader import load_quantized
-from qlora_kit.lora import QUANT_STATE, LoraConfig, QLinear, add_lora, lora_parameters, merge_delta
+from qlora_kit.lora import (
+    QUANT_STATE, LoraConfig, QLinear, add_lora, bucketed_linear, lora_parameters, merge_delta, route_rows, row_bucket,
+)
 from qlora_kit.quant import QuantConfig, QuantizedWeight
 
 from conftest import VOCAB
@@ -98,6 +101,73 @@ def test_backward_never_saves_the_dequantized_weight():
     expected = torch.ones(4, 256, dtype=torch.bfloat16) @ layer.qweight.dequantize()
     lora_part = (torch.ones(4, 256) @ layer.lora_B["default"].weight @ layer.lora_A["default"].weight) * 2
     torch.testing.assert_close(x.grad.float(), expected.float() + lora_part, atol=0.1, rtol=0.02)
+
+
+class _NewTensorsShaped(TorchDispatchMode):
+    """Counts the tensors of one shape that ops allocate (in-place ops write into their input: not counted)."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.shape, self.count = torch.Size(shape), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.shape == self.shape and not func._schema.is_mutable:
+            self.count += 1
+        return out
+
+
+def test_per_row_adapters_add_into_the_one_output():
+    """Rows routed to four adapters on the unfused path (gradients on) get each delta added into the forward's one
+    output, which was copied once per adapter before; values and gradients are each row's alone."""
+    layer = _qlinear()
+    names = ["a", "b", "c", "d"]
+    for name in names:
+        layer.add_adapter(name, LoraConfig(r=4, alpha=8))
+        torch.nn.init.normal_(layer.lora_B[name].weight, std=0.3)
+    x = torch.randn(8, 80, dtype=torch.bfloat16, requires_grad=True)
+    groups = {n: torch.tensor([i, i + 4]) for i, n in enumerate(names)}
+    with route_rows([layer], groups), _NewTensorsShaped((8, 48)) as outputs:
+        y = layer(x)
+    assert outputs.count == 1
+    y.float().sum().backward()
+    for name, rows in groups.items():
+        layer.active_adapter = name
+        alone = x.detach()[rows].requires_grad_()
+        y_alone = layer(alone)
+        y_alone.float().sum().backward()
+        torch.testing.assert_close(y[rows], y_alone, atol=1e-2, rtol=1e-2)
+        torch.testing.assert_close(x.grad[rows], alone.grad, atol=1e-2, rtol=1e-2)
+
+
+class _Bf16MatmulRows(TorchDispatchMode):
+    """The row counts of the bf16 matrix products run inside the block (oneDNN's, on the CPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default) and args[-2].dtype == torch.bfloat16:
+            self.rows.add(args[-2].shape[0])
+        return func(*args, **(kwargs or {}))
+
+
+def test_inference_matmuls_meet_few_row_counts_and_the_same_bits():
+    """Prefills of 17..300 rows run their bf16 matmul in under 20 row counts (not 284), so the CPU kernel caches
+    keyed by shape stay small; each row's output is bit for bit the unpadded product's."""
+    layer = _qlinear(64, 96)
+    layer.add_adapter("default", LoraConfig(r=4, alpha=8))
+    w = layer.qweight.dequantize()
+    with torch.no_grad():
+        for rows in (17, 33, 50, 129, 300):
+            x = torch.randn(rows, 96, dtype=torch.bfloat16)
+            assert torch.equal(bucketed_linear(x, w, layer.bias), torch.nn.functional.linear(x, w, layer.bias))
+    with torch.no_grad(), _Bf16MatmulRows() as seen:
+        for rows in range(17, 301):
+            layer(torch.randn(1, rows, 96, dtype=torch.bfloat16))
+    assert seen.rows <= {row_bucket(r) for r in range(17, 301)} and len(seen.rows) < 20
+    assert all(r <= row_bucket(r) <= 1.25 * r for r in range(1, 5000))
 
 
 @pytest.mark.parametrize("double_quant", [True, False])

@@ -2,6 +2,7 @@
 127.0.0.1 port (tiny Llama, two adapters), plus the engine's adapter eviction and a real `qlora-kit serve` process
 drained by SIGTERM. Greedy completions must equal `qlora-kit generate` however the requests were batched."""
 
+import gc
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import openai
 import pytest
 import torch
 import uvicorn
+from safetensors.torch import load_file
 
 from qlora_kit.adapters import adapter_names, save_adapter
 from qlora_kit.cli import main
@@ -352,6 +355,36 @@ def test_engine_evicts_least_recently_used_adapters_and_reloads_them(workspace):
     engine.stop()  # returns once every queued sequence has finished
     assert results[1].text == expected["b"] and results[0].text == results[2].text != expected["b"]
     assert len(adapter_names(model)) == 1
+
+
+def test_engine_holds_each_adapter_once_and_frees_it_on_unload(workspace):
+    """The model's adapter tensors are the files' tensors, once each (fp32, as saved: no stacked or cast copies);
+    after unload nothing keeps them alive (no cache of gathered factors)."""
+    model_dir, adapters = workspace
+    model = load_quantized(model_dir).eval()
+    engine = Engine(model, make_tokenizer(), max_adapters=2)
+    for name, path in adapters.items():
+        engine.register(name, path).result()
+    held = {k: p for k, p in model.named_parameters() if ".lora_" in k}
+    files = [load_file(path / "adapter_model.safetensors") for path in adapters.values()]
+    on_disk = sum(t.nbytes for tensors in files for t in tensors.values())
+    assert sum(p.nbytes for p in held.values()) == on_disk
+    assert len({p.untyped_storage().data_ptr() for p in held.values()}) == len(held)
+    a_params = [weakref.ref(p) for k, p in held.items() if k.endswith(".a.weight")]
+    del held
+    engine.unregister("a").result()
+    gc.collect()
+    assert a_params and all(ref() is None for ref in a_params)
+
+
+def test_the_server_imports_no_dataset_library():
+    """Serving renders prompts and never reads a dataset; `datasets` (pyarrow, pandas) cost it 80 MB of RSS."""
+    code = ("import sys, qlora_kit.cli, qlora_kit.serve\n"
+            "print(sorted({'datasets', 'pyarrow', 'pandas'} & set(sys.modules)))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_serve_command_drains_in_flight_requests_on_sigterm(workspace):

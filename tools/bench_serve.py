@@ -17,8 +17,12 @@ For each adapter count M (--adapter-counts):
 Every request is an Alpaca prompt, greedy, exactly --new-tokens new tokens (ignore_eos / min_new_tokens).
 tokens/s: all new tokens over the wall time from the first request sent to the last one answered. latency: per
 request, sent to answered (concurrent: includes waiting for a batch row; serial and peft: the request alone).
-memory: the serving process's peak RSS (VmHWM) after its runs. Contenders alternate, --repeats times each after one
-untimed warm-up request per adapter; medians are reported. The model and adapters are
+memory, measured alike on both sides: the serving process's resident memory (/proc/PID/status) once its model and
+adapters are loaded, before the first request (VmRSS), and its peak over the whole process (VmHWM) after its runs,
+beside the adapters' file bytes. The peft child reads its prompts from a JSON file this process writes, so it builds
+no workspace and renders no prompt (no tokenizer builder, no qlora_kit import): its RSS is its serving loop's, as
+ours is the `qlora-kit serve` process's. Contenders alternate, --repeats times each after one untimed warm-up
+request per adapter; medians are reported. The model and adapters are
 tools/bench_multi_adapter.py's (random weights, r=--rank on every linear layer).
 """
 
@@ -36,6 +40,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tools")]
@@ -108,9 +113,8 @@ class ServeProcess:
         self.stop()
         raise SystemExit(f"qlora-kit serve did not answer within {START_S} s")
 
-    def peak_rss_gib(self) -> float:
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20
+    def rss_gib(self, key: str) -> float:
+        return benchlib.status_gib(key, self.proc.pid)
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -163,6 +167,7 @@ def run_serial(url: str, requests, new_tokens: int) -> dict:
 def measure_ours(args, model_dir, adapters, requests) -> dict:
     server = ServeProcess(model_dir, adapters, args.clients, args.threads)
     try:
+        loaded = server.rss_gib("VmRSS")
         warm = _client(server.url)
         for name in adapters:  # first-call costs (kernel selection, allocator growth) stay out of the timings
             _send(warm, next(r for r in requests if r.adapter == name), args.new_tokens)
@@ -170,7 +175,7 @@ def measure_ours(args, model_dir, adapters, requests) -> dict:
         for _ in range(args.repeats):
             runs["ours-concurrent"].append(run_concurrent(server.url, requests, args.clients, args.new_tokens))
             runs["ours-serial"].append(run_serial(server.url, requests, args.new_tokens))
-        runs["rss_gib"] = server.peak_rss_gib()
+        runs.update(rss_loaded_gib=loaded, rss_gib=server.rss_gib("VmHWM"))
         return runs
     finally:
         server.stop()
@@ -181,12 +186,12 @@ def measure_ours(args, model_dir, adapters, requests) -> dict:
 def run_peft_child(args) -> None:
     import torch
 
-    model_dir, all_adapters, words = workspace(args)
-    count = args.child_adapters
-    adapters = dict(list(all_adapters.items())[:count])
-    requests = requests_for(words, list(adapters), args.clients * args.requests_per_client, args.seed)
-    model, tokenizer = bench_multi_adapter.load_peft(model_dir, adapters, "cpu")
+    plan = json.loads(args.child_plan.read_text())
+    adapters = {name: Path(d) for name, d in plan["adapters"].items()}
+    requests = [PlannedRequest(*r) for r in plan["requests"]]
+    model, tokenizer = bench_multi_adapter.load_peft(Path(plan["model_dir"]), adapters, "cpu")
     model.generation_config.min_new_tokens = args.new_tokens  # every request exactly --new-tokens, eos or not
+    loaded = benchlib.status_gib("VmRSS")
 
     def serve_one(req) -> float:
         start = time.perf_counter()
@@ -205,12 +210,24 @@ def run_peft_child(args) -> None:
         latencies = [serve_one(r) for r in requests]
         runs.append({"seconds": time.perf_counter() - start, "latencies": latencies})
     rss = benchlib.status_gib("VmHWM")
-    print(benchlib.RESULT_MARK + json.dumps({"runs": runs, "rss_gib": rss}), flush=True)
+    print(benchlib.RESULT_MARK + json.dumps({"runs": runs, "rss_loaded_gib": loaded, "rss_gib": rss}), flush=True)
 
 
-def measure_peft(args, count: int) -> dict:
-    argv = [str(Path(__file__).resolve()), *args.argv, "--child", "peft", "--child-adapters", str(count)]
-    return benchlib.spawn(argv, threads_env(args.threads))
+class PlannedRequest(NamedTuple):
+    """A request as the peft child reads it from its plan: no harness import needed to rebuild it."""
+
+    adapter: str
+    prompt: str
+
+
+def measure_peft(args, model_dir: Path, adapters: dict[str, Path], requests) -> dict:
+    plan = {"model_dir": str(model_dir), "adapters": {n: str(d) for n, d in adapters.items()},
+            "requests": [[r.adapter, r.prompt] for r in requests]}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "plan.json"
+        path.write_text(json.dumps(plan))
+        argv = [str(Path(__file__).resolve()), *args.argv, "--child", "peft", "--child-plan", str(path)]
+        return benchlib.spawn(argv, threads_env(args.threads))
 
 
 # ---- parent --------------------------------------------------------------------------------------------------
@@ -227,19 +244,20 @@ def adapter_bytes(adapters: dict[str, Path]) -> int:
 
 
 def table(results: dict[int, dict], clients: int) -> str:
-    rows = ["| adapters | contender | tokens/s | seconds | latency p50 s | p95 s | concurrent vs this | peak RSS GiB | "
-            "adapters' size MiB |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| adapters | contender | tokens/s | seconds | latency p50 s | p95 s | concurrent vs this | "
+            "RSS loaded GiB | peak RSS GiB | adapters' size MiB |", "|---:|---|" + "---:|" * 8]
     for count, res in results.items():
         best = res["ours-concurrent"]["tokens_per_s"]
         for name in ("ours-concurrent", "ours-serial", "peft-switch"):
             s = res.get(name)
             if s is None:
-                rows.append(f"| {count} | {name} | - | - | - | - | - | - | - |")
+                rows.append(f"| {count} | {name} | - | - | - | - | - | - | - | - |")
                 continue
-            rss = res["rss_peft" if name == "peft-switch" else "rss_ours"]
+            side = "peft" if name == "peft-switch" else "ours"
+            rss, loaded = res[f"rss_{side}"], res[f"rss_loaded_{side}"]
             label = f"{name} ({clients} clients)" if name == "ours-concurrent" else name
             rows.append(f"| {count} | {label} | {s['tokens_per_s']:,.1f} | {s['seconds']:.2f} | {s['p50_s']:.3f} | "
-                        f"{s['p95_s']:.3f} | {best / s['tokens_per_s']:.2f}x | {rss:.3f} | "
+                        f"{s['p95_s']:.3f} | {best / s['tokens_per_s']:.2f}x | {loaded:.3f} | {rss:.3f} | "
                         f"{res['adapter_mib']:.1f} |")
     return "\n".join(rows)
 
@@ -279,7 +297,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="also write the ratio rows (for tools/bench.py) here")
     p.add_argument("--child", choices=("peft",), help=argparse.SUPPRESS)
-    p.add_argument("--child-adapters", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--child-plan", type=Path, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -300,13 +318,15 @@ def main(argv=None) -> int:
         requests = requests_for(words, list(adapters), total, args.seed)
         ours = measure_ours(args, model_dir, adapters, requests)
         res = {name: summary(ours[name], tokens) for name in ("ours-concurrent", "ours-serial")}
-        res.update(rss_ours=ours["rss_gib"], adapter_mib=adapter_bytes(adapters) / 2**20)
+        res.update(rss_ours=ours["rss_gib"], rss_loaded_ours=ours["rss_loaded_gib"],
+                   adapter_mib=adapter_bytes(adapters) / 2**20)
         if not args.no_peft:
-            peft = measure_peft(args, count)
+            peft = measure_peft(args, model_dir, adapters, requests)
             if "error" in peft:
                 print(f"peft-switch with {count} adapters failed: {peft['error']}", file=sys.stderr)
             else:
-                res.update({"peft-switch": summary(peft["runs"], tokens), "rss_peft": peft["rss_gib"]})
+                res.update({"peft-switch": summary(peft["runs"], tokens), "rss_peft": peft["rss_gib"],
+                            "rss_loaded_peft": peft["rss_loaded_gib"]})
         results[count] = res
         print(f"{count} adapters: {json.dumps({k: v for k, v in res.items()}, default=str)}", file=sys.stderr)
     print(f"## Serving {total} requests ({args.clients} clients x {args.requests_per_client}) over 1-"
@@ -314,8 +334,10 @@ def main(argv=None) -> int:
           f"each, cpu\n\nmodel {model_dir} ({args.hidden} hidden, {args.layers} layers, vocab {args.vocab}); "
           f"median of {args.repeats} timed run(s) after one warm-up request per adapter\n")
     print(table(results, args.clients))
-    print("\npeak RSS: the serving process's VmHWM (ours: the `qlora-kit serve` process, HTTP stack included; peft: "
-          "its child, no HTTP).\nadapters' size: their safetensors files (fp32), what holding them costs at least.")
+    print("\nRSS loaded: the serving process's VmRSS with the model and adapters loaded, before the first request; "
+          "peak RSS: its VmHWM after all its runs (ours: the `qlora-kit serve` process, HTTP stack included, one "
+          "process for both of ours' rows; peft: its child, no HTTP, no harness).\nadapters' size: their "
+          "safetensors files (fp32), what holding them costs at least.")
     print(f"\ncommand: {command}\n{bench_train.environment_line('cpu')}\nload average at the start "
           f"{', '.join(f'{x:.2f}' for x in load_start)}, at the end {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.json:

@@ -16,9 +16,10 @@ REPO = Path(__file__).resolve().parents[1]
 RESULT_MARK = "BENCH_RESULT "  # a child prints its figures as one JSON line after this mark
 
 
-def status_gib(key: str) -> float:
-    """A memory line of /proc/self/status: VmRSS (all resident pages) or RssAnon (those not backed by a file)."""
-    with open("/proc/self/status") as f:
+def status_gib(key: str, pid: int | str = "self") -> float:
+    """A memory line of /proc/PID/status: VmRSS (all resident pages), VmHWM (their peak) or RssAnon (those not
+    backed by a file)."""
+    with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith(key + ":"):
                 return int(line.split()[1]) / 2**20  # kB
