@@ -36,11 +36,11 @@ _QUANT_SEARCH = Extension(  # scale search (qlora_kit/quant_search.py), the same
 )
 
 
-# The decode kernel (csrc/gemv4.c): its own library, loaded the same way, so either can be rebuilt alone.
+# The decode kernels (csrc/gemv4.c for 4-bit weights, csrc/gemv16.c for 16-bit ones): their own library, loaded the same way, so either can be rebuilt alone.
 _GEMV4 = Extension(
     "qlora_kit._gemv4",
-    sources=["qlora_kit/csrc/gemv4.c"],
-    depends=["qlora_kit/csrc/fpbits.h"],
+    sources=["qlora_kit/csrc/gemv4.c", "qlora_kit/csrc/gemv16.c"],
+    depends=["qlora_kit/csrc/fpbits.h", "qlora_kit/csrc/gemv.h"],
     extra_compile_args=_CFLAGS,
     extra_link_args=["-fopenmp"],
 )

@@ -22,31 +22,12 @@
  * permute), AVX2 + FMA + F16C (two permutes and a blend), and portable C,
  * picked at run time with __builtin_cpu_supports. Output rows are split across OpenMP threads.
  */
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
+#include "gemv.h"
 
-#include "fpbits.h"
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define G4_X86 1
-#endif
-
-/* The interface version _native.py checks before calling anything here (bump both with any change of signature
- * or meaning): 2 = LoRA B passed transposed, g4_dense. */
+/* The interface version _native.py checks before calling anything in this library (bump both with any change of
+ * signature or meaning): 2 = LoRA B passed transposed, g4_dense (gemv16.c). */
 #define G4_ABI_VERSION 2
 int g4_abi_version(void) { return G4_ABI_VERSION; }
-
-enum { G4_F32 = 0, G4_BF16 = 1, G4_F16 = 2 };
-enum { G4_CHUNK = 32, G4_NCODES = 16, G4_MAX_ROWS = 16, G4_NESTED_BS = 256 };
-
-/* Below this many weights per thread a second thread costs more (wake-up, join) than it saves. */
-enum { G4_MIN_PER_THREAD = 1 << 17 };
 
 typedef struct {
     const uint8_t *packed;     /* n*k/2 bytes, first element of a byte in the high nibble */
@@ -59,25 +40,6 @@ typedef struct {
     int64_t n, k, bs;
     int dtype;                 /* activation = output dtype */
 } g4_weight;
-
-static inline float load_f32(const void *src, int dtype, int64_t i) {
-    if (dtype == G4_BF16) return from_bits((uint32_t)((const uint16_t *)src)[i] << 16);
-    if (dtype == G4_F16) return f16_to_f32(((const uint16_t *)src)[i]);
-    return ((const float *)src)[i];
-}
-
-static inline void store(void *dst, int dtype, int64_t i, float v) {
-    if (dtype == G4_BF16) ((uint16_t *)dst)[i] = f32_to_bf16(v);
-    else if (dtype == G4_F16) ((uint16_t *)dst)[i] = f32_to_f16(v);
-    else ((float *)dst)[i] = v;
-}
-
-/* What an fp32 value becomes when the dequantize path rounds it to the activation dtype, back in fp32. */
-static inline float as_dtype(float v, int dtype) {
-    if (dtype == G4_BF16) return from_bits((uint32_t)f32_to_bf16(v) << 16);
-    if (dtype == G4_F16) return f16_to_f32(f32_to_f16(v));
-    return v;
-}
 
 static inline float block_absmax(const g4_weight *w, int64_t b) {
     if (w->absmax) return w->absmax[b];
@@ -119,7 +81,6 @@ static void row_scalar(const g4_weight *w, int64_t j, const float *xs, int64_t m
 
 #ifdef G4_X86
 /* AVX-512: the table is one register, a code's weight one permute. MR rows at once share each decoded chunk. */
-#define G4_AVX512 __attribute__((target("avx512f,fma"), always_inline)) static inline
 
 /* block_table, 16 lanes at once: the products, then the rounding to the activation dtype */
 G4_AVX512 __m512 table512(const g4_weight *w, int64_t b) {
@@ -181,7 +142,6 @@ __attribute__((target("avx512f,fma"))) static void row_avx512(const g4_weight *w
  * in the low half of a lane, the odd ones (low nibbles) in one holding them in the high half. The weights are
  * the bf16 values table512 rounds to, so the products are the fp32 path's; only the additions' order differs
  * (and vdpbf16ps flushes denormals, far below any sum's rounding). */
-#define G4_BF16DP __attribute__((target("avx512f,avx512bf16,fma"), always_inline)) static inline
 
 G4_BF16DP void row512bf_mr(const g4_weight *w, int64_t j, const uint16_t *x, int mr, float *acc) {
     /* chunks alternate between two accumulators per row, for the same reason as row512_mr's two */
@@ -266,15 +226,10 @@ __attribute__((target("avx512f,avx512bf16,fma"))) static void rows2_bf16dp(const
     }
 }
 
-static int have_bf16dp(int isa) {
-    __builtin_cpu_init();
-    return isa >= 3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
-}
 #endif
 
 #ifdef G4_X86
 /* AVX2: a 16-entry table is two 8-entry permutes, the code's bit 3 choosing between them. */
-#define G4_AVX2 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline
 
 G4_AVX2 __m256 lookup8(__m256i idx, __m256 lo, __m256 hi) {
     const __m256 mask = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)); /* bit 3 -> sign bit */
@@ -503,12 +458,10 @@ int g4_gemm(const void *x, int64_t m, int64_t k, int dtype, const uint8_t *packe
 #else
     const int bf16dp = 0;
 #endif
-    int64_t nw = n * k / G4_MIN_PER_THREAD;
-    nw = nw < nthreads ? nw : nthreads;
-    nw = nw < 1 ? 1 : nw;
+    const int nw = g4_workers(n, k, nthreads);
     const int paired = bf16dp && k % blocksize == 0; /* output rows two at a time (row512bf2_mr) */
     const int64_t steps = paired ? (n + 1) / 2 : n;
-#pragma omp parallel for schedule(static) num_threads((int)nw)
+#pragma omp parallel for schedule(static) num_threads(nw)
     for (int64_t s = 0; s < steps; s++) {
         float acc[2][G4_MAX_ROWS] = {{0}};
         const int64_t j = paired ? 2 * s : s, count = paired && j + 1 < n ? 2 : 1;
@@ -527,146 +480,5 @@ int g4_gemm(const void *x, int64_t m, int64_t k, int dtype, const uint8_t *packe
             }
     }
     free(xs);
-    return 0;
-}
-
-/* ---- dense: y = x W^T for a 16-bit W (the LM head, any layer kept unquantized) and the same few rows ----
- * torch's bf16 matmul reads such a W at a third of the memory bandwidth at one row; here each weight is widened
- * to fp32 in a register (exact) and multiplied as above: the products are F.linear's, accumulated in fp32 in
- * another order, rounded once to the output dtype. k % 16 == 0. */
-typedef void (*dense_fn)(const uint16_t *, int, int64_t, const float *, int64_t, float *);
-
-static void dense_scalar(const uint16_t *wj, int dtype, int64_t k, const float *xf, int64_t m, float *acc) {
-    for (int64_t r = 0; r < m; r++) {
-        float s = 0.0f;
-        for (int64_t c = 0; c < k; c++) s += xf[r * k + c] * load_f32(wj, dtype, c);
-        acc[r] = s;
-    }
-}
-
-#ifdef G4_X86
-G4_AVX512 __m512 widen512(const uint16_t *p, int dtype) {
-    const __m256i h = _mm256_loadu_si256((const __m256i *)p);
-    if (dtype == G4_BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    return _mm512_cvtph_ps(h);
-}
-
-G4_AVX512 void dense512_mr(const uint16_t *wj, int dtype, int64_t k, const float *xf, int mr, float *acc) {
-    __m512 a[G4_MAX_ROWS];
-    for (int r = 0; r < mr; r++) a[r] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < k; c += 16) {
-        const __m512 wv = widen512(wj + c, dtype);
-        for (int r = 0; r < mr; r++) a[r] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xf + r * k + c), a[r]);
-    }
-    for (int r = 0; r < mr; r++) acc[r] = _mm512_reduce_add_ps(a[r]);
-}
-
-__attribute__((target("avx512f,fma"))) static void dense_avx512(const uint16_t *wj, int dtype, int64_t k,
-                                                                const float *xf, int64_t m, float *acc) {
-    for (int64_t r = 0; r < m;) {
-        const int64_t left = m - r;
-        const float *x = xf + r * k;
-        if (left >= 8) dense512_mr(wj, dtype, k, x, 8, acc + r), r += 8;
-        else if (left >= 4) dense512_mr(wj, dtype, k, x, 4, acc + r), r += 4;
-        else if (left >= 2) dense512_mr(wj, dtype, k, x, 2, acc + r), r += 2;
-        else dense512_mr(wj, dtype, k, x, 1, acc + r), r += 1;
-    }
-}
-
-G4_BF16DP void dense512bf_mr(const uint16_t *wj, int64_t k, const uint16_t *x, int mr, float *acc) {
-    __m512 a[G4_MAX_ROWS];
-    for (int r = 0; r < mr; r++) a[r] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < k; c += 32) {
-        const __m512i wv = _mm512_loadu_si512(wj + c);
-        for (int r = 0; r < mr; r++)
-            a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)wv, (__m512bh)_mm512_loadu_si512(x + r * k + c));
-    }
-    for (int r = 0; r < mr; r++) acc[r] = _mm512_reduce_add_ps(a[r]);
-}
-
-/* bf16 W and x, k % 32 == 0: the pairs as they lie in memory (x passed as-is, not widened) */
-__attribute__((target("avx512f,avx512bf16,fma"))) static void dense_bf16dp(const uint16_t *wj, int64_t k,
-                                                                          const uint16_t *x, int64_t m, float *acc) {
-    for (int64_t r = 0; r < m;) {
-        const int64_t left = m - r;
-        const uint16_t *xr = x + r * k;
-        if (left >= 8) dense512bf_mr(wj, k, xr, 8, acc + r), r += 8;
-        else if (left >= 4) dense512bf_mr(wj, k, xr, 4, acc + r), r += 4;
-        else if (left >= 2) dense512bf_mr(wj, k, xr, 2, acc + r), r += 2;
-        else dense512bf_mr(wj, k, xr, 1, acc + r), r += 1;
-    }
-}
-
-G4_AVX2 __m256 widen256(const uint16_t *p, int dtype) {
-    const __m128i h = _mm_loadu_si128((const __m128i *)p);
-    if (dtype == G4_BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-    return _mm256_cvtph_ps(h);
-}
-
-G4_AVX2 void dense256_mr(const uint16_t *wj, int dtype, int64_t k, const float *xf, int mr, float *acc) {
-    __m256 a[4];
-    for (int r = 0; r < mr; r++) a[r] = _mm256_setzero_ps();
-    for (int64_t c = 0; c < k; c += 8) {
-        const __m256 wv = widen256(wj + c, dtype);
-        for (int r = 0; r < mr; r++) a[r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xf + r * k + c), a[r]);
-    }
-    for (int r = 0; r < mr; r++) {
-        float s[8];
-        _mm256_storeu_ps(s, a[r]);
-        acc[r] = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-    }
-}
-
-__attribute__((target("avx2,fma,f16c"))) static void dense_avx2(const uint16_t *wj, int dtype, int64_t k,
-                                                               const float *xf, int64_t m, float *acc) {
-    for (int64_t r = 0; r < m;) {
-        const int64_t left = m - r;
-        const float *x = xf + r * k;
-        if (left >= 4) dense256_mr(wj, dtype, k, x, 4, acc + r), r += 4;
-        else if (left >= 2) dense256_mr(wj, dtype, k, x, 2, acc + r), r += 2;
-        else dense256_mr(wj, dtype, k, x, 1, acc + r), r += 1;
-    }
-}
-#endif
-
-static dense_fn pick_dense(int isa) {
-#ifdef G4_X86
-    __builtin_cpu_init();
-    if (isa >= 2 && __builtin_cpu_supports("avx512f")) return dense_avx512;
-    if (isa >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-        __builtin_cpu_supports("f16c")) return dense_avx2;
-#endif
-    (void)isa;
-    return dense_scalar;
-}
-
-/* y[m, n] = x[m, k] W^T + bias, x, W (n x k), bias and y all in `dtype` (1 bf16, 2 fp16). Returns 0, or -1 for
- * arguments outside what the kernel handles (the caller then calls F.linear). */
-int g4_dense(const void *x, int64_t m, int64_t k, int dtype, const uint16_t *w, int64_t n, const void *bias, void *y,
-             int isa, int nthreads) {
-    if (m < 1 || m > G4_MAX_ROWS || k <= 0 || k % 16 || n <= 0 || (dtype != G4_BF16 && dtype != G4_F16)) return -1;
-    float *xf = malloc((size_t)(m * k) * sizeof *xf);
-    if (!xf) return -1;
-    for (int64_t i = 0; i < m * k; i++) xf[i] = load_f32(x, dtype, i);
-    const dense_fn row = pick_dense(isa);
-#ifdef G4_X86
-    const int bf16dp = dtype == G4_BF16 && k % 32 == 0 && have_bf16dp(isa);
-#else
-    const int bf16dp = 0;
-#endif
-    int64_t nw = n * k / G4_MIN_PER_THREAD;
-    nw = nw < nthreads ? nw : nthreads;
-    nw = nw < 1 ? 1 : nw;
-#pragma omp parallel for schedule(static) num_threads((int)nw)
-    for (int64_t j = 0; j < n; j++) {
-        float acc[G4_MAX_ROWS];
-#ifdef G4_X86
-        if (bf16dp) dense_bf16dp(w + j * k, k, (const uint16_t *)x, m, acc);
-        else
-#endif
-            row(w + j * k, dtype, k, xf, m, acc);
-        for (int64_t r = 0; r < m; r++) store(y, dtype, r * n + j, bias ? acc[r] + load_f32(bias, dtype, j) : acc[r]);
-    }
-    free(xf);
     return 0;
 }
