@@ -1,4 +1,5 @@
-"""DDP and FSDP2 on CPU with gloo, 2 processes launched by torchrun exactly as a user launches them.
+"""DDP and FSDP2 on CPU with gloo, 2 processes launched by torchrun (and once by accelerate launch) as a user
+launches them.
 
 The equality checks run in float32: the adapters of 2 ranks and of 1 process then differ only by the order of
 floating-point sums (measured: 3e-6 after 6 AdamW steps at lr 1e-2 on values ~0.17), and the tolerance is
