@@ -1,10 +1,11 @@
 """Training on several processes with torch.distributed: DDP, or FSDP2 sharding the 4-bit base block by block.
 
-Launch as with any torch program: `torchrun --nproc-per-node N --no-python qlora-kit train RECIPE` (or
-`accelerate launch`, which sets the same variables). The process group comes from torchrun's environment
-(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT): NCCL on CUDA, gloo on CPU. Without those variables nothing
-here starts and the single-process trainer runs as before — except `distributed.cpu_offload`, which runs FSDP at
-world size 1 so a base bigger than the GPU stays in host memory and is streamed in one block at a time.
+Launch as with any torch program: `torchrun --nproc-per-node N --no-python qlora-kit train RECIPE`, or
+`accelerate launch --multi_gpu --num_processes N -m qlora_kit.cli train RECIPE` (torchrun underneath; on CPUs too).
+The process group comes from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT): NCCL on
+CUDA, gloo on CPU. Without those variables nothing here starts and the single-process trainer runs as before —
+except `distributed.cpu_offload`, which runs FSDP at world size 1 so a base bigger than the GPU stays in host
+memory and is streamed in one block at a time.
 
 `Dist` owns what differs between one process and many, so the loop stays one loop: the wrapping, the sums over
 ranks (token counts for an exact token-weighted loss, losses, tokens/s),
@@ -34,7 +35,7 @@ _COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)  # a rank stuck this long i
 
 @dataclass(frozen=True)
 class DistributedConfig:
-    """How a run launched on several processes (torchrun, accelerate launch) shares the work."""
+    """How a run launched on several processes (torchrun, accelerate launch --multi_gpu) shares the work."""
 
     strategy: str = "fsdp"
     """"fsdp": FSDP2 shards the 4-bit base, adapters and optimizer state across ranks, block by block; "ddp":
@@ -53,8 +54,26 @@ class DistributedConfig:
             raise ConfigError("distributed.cpu_offload needs distributed.strategy=fsdp (DDP cannot offload)")
 
 
+_MPI_WORLD_SIZE = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")  # mpirun's, not torchrun's
+_ON_CPU = "accelerate launch --multi_gpu --num_processes N (torchrun underneath; gloo on a CPU) or torchrun"
+
+
 def launched_world_size() -> int:
-    """WORLD_SIZE as torchrun (or accelerate launch) set it; 1 when started plainly."""
+    """WORLD_SIZE as torchrun (or accelerate launch --multi_gpu) set it; 1 when started plainly.
+
+    Two launches that would otherwise train alone on each process, unnoticed, are refused. accelerate's plain
+    launcher (`accelerate launch --num_processes N` without --multi_gpu on a machine without N GPUs, or with
+    --cpu) starts one process, yet sets MASTER_ADDR as for N (and ACCELERATE_USE_CPU, which only it sets); its
+    multi-CPU mode is mpirun, which sets only its own variables, so each of N processes would train the whole job
+    by itself and write the same output_dir."""
+    if "WORLD_SIZE" not in os.environ:
+        mpi = next((v for v in _MPI_WORLD_SIZE if os.environ.get(v, "1") != "1"), None)
+        if mpi:
+            raise ConfigError(f"started by mpirun ({mpi}={os.environ[mpi]}) without torchrun's WORLD_SIZE: "
+                              f"each process would train alone; launch with {_ON_CPU}")
+        if "ACCELERATE_USE_CPU" in os.environ and "MASTER_ADDR" in os.environ:
+            raise ConfigError(f"accelerate launch --num_processes N without --multi_gpu (or with --cpu) started one "
+                              f"process here; for N processes use {_ON_CPU}")
     value = os.environ.get("WORLD_SIZE", "1")
     if not value.isdigit() or int(value) < 1:
         raise ConfigError(f"WORLD_SIZE={value!r} is not a positive integer; launch with torchrun --nproc-per-node N")

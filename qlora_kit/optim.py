@@ -27,8 +27,6 @@ def make_optimizer(
     params: Iterable[torch.nn.Parameter], name: str, lr: float, weight_decay: float, device: torch.device
 ) -> torch.optim.Optimizer:
     """AdamW by flags: paged or not, 8-bit or 32-bit states (betas 0.9/0.999, eps 1e-8 as in HF and peft)."""
-    import bitsandbytes as bnb
-
     params = list(params)
     paged = name.startswith("paged_")
     if paged and device.type != "cuda":
@@ -37,6 +35,8 @@ def make_optimizer(
     kwargs = dict(lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8)
     if name == "adamw":
         return torch.optim.AdamW(params, foreach=device.type == "cuda", **kwargs)
+    import bitsandbytes as bnb  # only here: its import compiles kernels (1.7 s on 2 CPUs), paid by every rank
+
     if name.endswith("_8bit"):
         cls = bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit
     elif name.endswith("_32bit"):

@@ -1,4 +1,5 @@
-"""DDP and FSDP2 on CPU with gloo, 2 processes launched by torchrun exactly as a user launches them.
+"""DDP and FSDP2 on CPU with gloo, 2 processes launched by torchrun (and once by accelerate launch) as a user
+launches them.
 
 The equality checks run in float32: the adapters of 2 ranks and of 1 process then differ only by the order of
 floating-point sums (measured: 3e-6 after 6 AdamW steps at lr 1e-2 on values ~0.17), and the tolerance is
@@ -50,6 +51,15 @@ def torchrun(*args: str, nproc: int = 2, wait: bool = True, env: dict | None = N
         return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=RUN_TIMEOUT_S)
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
                             start_new_session=True)
+
+
+def accelerate_launch(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu --num_processes 2 -m qlora_kit.cli ARGS`, as docs/distributed.md gives it (a
+    free port; HF_HOME in tmp_path so no accelerate config file of this machine's user decides the launch)."""
+    cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0",
+           "-m", "qlora_kit.cli", *args]
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", HF_HOME=str(tmp_path / "hf"))
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=RUN_TIMEOUT_S)
 
 
 def _wait_for(predicate, proc, what: str) -> None:
@@ -144,6 +154,39 @@ def test_two_ranks_train_the_single_process_adapter(ws, tmp_path, strategy):
     a = load_file(merged.out_dir / "model.safetensors")
     b = load_file(reference.out_dir / "model.safetensors")
     assert set(a) == set(b) and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-2) for k in a)
+
+
+def test_accelerate_launch_trains_the_single_process_adapter(ws, tmp_path):
+    """accelerate's --multi_gpu launcher is torchrun underneath and works on CPUs (gloo); its plain launcher
+    (--cpu, or no --multi_gpu without N GPUs) starts one process: test_launches_that_would_train_alone_are_refused."""
+    root, single = ws
+    out = tmp_path / "accelerate"
+    proc = accelerate_launch("train", str(root / "tiny.yaml"), f"output_dir={out}", "--no-progress",
+                             tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "strategy fsdp, world size 2" in proc.stderr
+    assert proc.stdout.count("adapter:") == 1, "only rank 0 reports"
+    _assert_same_adapter(_adapter(out), _adapter(single))
+
+
+@pytest.mark.parametrize("env, says", [
+    ({"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"},  # --cpu
+     "accelerate launch --num_processes N without --multi_gpu"),
+    ({"ACCELERATE_USE_CPU": "False", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"},  # no --multi_gpu
+     "accelerate launch --num_processes N without --multi_gpu"),
+    ({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "0"}, r"started by mpirun \(OMPI_COMM_WORLD_SIZE=2\)"),
+])
+def test_launches_that_would_train_alone_are_refused(monkeypatch, env, says):
+    from qlora_kit.distributed import launched_world_size
+    from qlora_kit.errors import ConfigError
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ConfigError, match=says + r".*accelerate launch --multi_gpu --num_processes N"):
+        launched_world_size()
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's variables win: launched properly after all
+    assert launched_world_size() == 2
 
 
 def _base_bytes(root: Path) -> int:

@@ -9,7 +9,7 @@ Real tokens are non-padding tokens (prompt and response) that went through the m
     python tools/bench_train.py --repeats 3 --rows 256 --json /tmp/train.json
     python tools/bench_train.py --device cuda --preset llama-7b --lora-r 64 --lora-alpha 16 --max-seq-len 1024
     python tools/bench_train.py --device cuda --preset llama-70b --no-weights --only ours --lora-r 16 --batch-size 1
-    python tools/bench_train.py --nproc 2 --repeats 3     # scaling: ours on 1 process vs FSDP / DDP on 2
+    python tools/bench_train.py --nproc 2 --repeats 2 --threads 1   # scaling: ours on 1 process vs FSDP / DDP on 2
 
 Contenders (same model, data, batch size, max length, LoRA r/alpha on all linear layers, optimizer, gradient
 clipping 0.3, constant lr, bf16 autocast, fp32 LoRA weights, non-reentrant gradient checkpointing per block):
@@ -26,9 +26,10 @@ clipping 0.3, constant lr, bf16 autocast, fp32 LoRA weights, non-reentrant gradi
   ours-fsdp    with --nproc N: ours under `torchrun --nproc-per-node N`, distributed.strategy fsdp, the same
   ours-ddp     per-process batch (so N x the global batch: weak scaling), one epoch; tokens/s counts every rank's
                tokens over rank 0's wall time. torchrun gives each process OMP_NUM_THREADS=1; the 1-process run
-               keeps torch's default threads, so on a 2-core CPU it is 2 threads against 2 processes x 1 thread.
+               keeps torch's default threads unless --threads 1 is passed (do: on a loaded 2-core CPU its 2
+               threads stall on cores other jobs hold, 158 tokens/s against 669 at 1 thread in BENCHMARKS.md).
 Memory: peak RSS (ru_maxrss, the whole child: imports, load and training) on CPU; torch.cuda.max_memory_allocated
-on CUDA (rank 0's under torchrun).
+on CUDA; under torchrun each rank's (the scaling table lists them by rank; the ratio rows use rank 0's).
 
 Without --model, a workspace is built once under --workdir: a Llama-shaped random-weight checkpoint
 (tools/make_checkpoint.py; --preset, or the small shape of --hidden/--layers/...) with a word-level tokenizer of
@@ -382,9 +383,9 @@ def run_child(args) -> None:
         result = run_ours(args, packing=True, strategy=args.child.removeprefix("ours-"))
     else:
         result = run_ours(args, packing=args.child == "ours")
-    result["peak_gib"] = _peak_memory_gib(args.device)
-    if os.environ.get("RANK", "0") == "0":
-        print(RESULT_MARK + json.dumps(result), flush=True)
+    # every rank reports its own peak (the other ranks only that); the parent reads them all from torchrun's stdout
+    result.update(peak_gib=_peak_memory_gib(args.device), rank=int(os.environ.get("RANK", "0")))
+    print(RESULT_MARK + json.dumps(result), flush=True)
 
 
 # ---- parent: schedule children, summarize --------------------------------------------------------------------
@@ -405,12 +406,14 @@ def measure(args, contender: str) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
            "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(child_command(args, contender), capture_output=True, text=True, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARK)]
-    if proc.returncode or not lines:
+    ranks = [json.loads(line[len(RESULT_MARK):]) for line in proc.stdout.splitlines() if line.startswith(RESULT_MARK)]
+    result = next((r for r in ranks if r["rank"] == 0), None)
+    if proc.returncode or result is None:
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
         return {"error": f"exit {proc.returncode}: {tail}"}
-    result = json.loads(lines[-1][len(RESULT_MARK):])
-    return {**result, "tokens_per_s": result["tokens"] / result["seconds"]}
+    peaks = [r["peak_gib"] for r in sorted(ranks, key=lambda r: r["rank"])]
+    return {**result, "tokens_per_s": result["tokens"] / result["seconds"],
+            **{f"peak_gib_rank{i}": g for i, g in enumerate(peaks)}}
 
 
 def medians(results: dict[str, list[dict]]) -> dict[str, dict]:
@@ -451,11 +454,12 @@ def table(results: dict[str, list[dict]], device: str) -> str:
     return "\n".join(rows)
 
 
-def scaling_table(results: dict[str, list[dict]], nproc: int) -> str:
+def scaling_table(results: dict[str, list[dict]], nproc: int, device: str) -> str:
     """tokens/s of ours on N processes against ours on one: N would be perfect scaling."""
     med = medians(results)
     one = med.get("ours")
-    rows = ["| contender | processes | runs | tokens/s | vs 1 process | peak GiB (rank 0) |",
+    memory = "peak GPU memory GiB" if device == "cuda" else "peak RSS GiB"
+    rows = [f"| contender | processes | runs | tokens/s (min-max) | vs 1 process | {memory} per rank |",
             "|---|---:|---|---:|---:|---:|"]
     for contender, runs in results.items():
         m = med.get(contender)
@@ -464,9 +468,16 @@ def scaling_table(results: dict[str, list[dict]], nproc: int) -> str:
             rows.append(f"| {contender} | {n} | 0/{len(runs)} | failed: {runs[-1]['error']} |")
             continue
         ratio = f"{m['tokens_per_s'] / one['tokens_per_s']:.2f}x" if one else "-"
-        rows.append(f"| {contender} | {n} | {len(m['runs'])}/{len(runs)} | {m['tokens_per_s']:,.0f} | {ratio} | "
-                    f"{m['peak_gib']:.3f} |")
-    return "\n".join(rows) + f"\n\nload average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+        spread = "-".join(f"{f(r['tokens_per_s'] for r in m['runs']):,.0f}" for f in (min, max))
+        peaks = " / ".join(f"{m[f'peak_gib_rank{i}']:.3f}" for i in range(n) if f"peak_gib_rank{i}" in m)
+        rows.append(f"| {contender} | {n} | {len(m['runs'])}/{len(runs)} | {m['tokens_per_s']:,.0f} ({spread}) | "
+                    f"{ratio} | {peaks} |")
+    return "\n".join(rows) + f"\n\nload average at the end: {_load()}"
+
+
+def _load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f}, {five:.2f}, {fifteen:.2f} (1/5/15 min) on {os.cpu_count()} CPUs"
 
 
 def json_rows(results: dict[str, list[dict]], model: str, device: str, command: str, lengths: str) -> list[dict]:
@@ -569,13 +580,16 @@ def main(argv=None) -> int:
               "load 4-bit models only from one (drop --no-weights to generate it, disk permitting, and compare)\n")
         contenders = [c for c in contenders if c not in PEERS]
     results = {c: [] for c in contenders}
+    load_at_start = _load()
     for _ in range(args.repeats):
         for contender in contenders:
             results[contender].append(measure(args, contender))
     print(f"## QLoRA training on {args.device}: {args.model.name}, batch {args.batch_size}, max length "
           f"{args.max_seq_len}, LoRA r={args.lora_r} alpha={args.lora_alpha:g} all-linear, {args.optimizer}\n\n"
           f"median (min-max) of {args.repeats} run(s); one epoch each, first step untimed\n{data_line(args.data, args.model, args.max_seq_len)}\n")
-    print(scaling_table(results, args.nproc) if args.nproc else table(results, args.device))
+    if args.nproc:
+        print(f"load average at the start: {load_at_start}\n")
+    print(scaling_table(results, args.nproc, args.device) if args.nproc else table(results, args.device))
     print("\ntokens/s: real (non-padding) tokens of the timed steps over their wall time. real tokens / row slots: "
           "the share of the epoch's batch\ncells holding data rather than padding. ours packs whole examples into rows "
           f"of {args.max_seq_len} (best fit), attention never crossing examples.")
