@@ -119,12 +119,16 @@ class QuantizedWeight:
     _gemv: tuple | None = field(default=None, repr=False, compare=False)  # see gemv_args
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor, config: QuantConfig = QuantConfig()) -> QuantizedWeight:
-        """Quantize `weight` (bf16/fp16/fp32) exactly as bitsandbytes' quantize_4bit would."""
+    def quantize(cls, weight: torch.Tensor, config: QuantConfig = QuantConfig(),
+                 importance: torch.Tensor | None = None) -> QuantizedWeight:
+        """Quantize `weight` (bf16/fp16/fp32) exactly as bitsandbytes' quantize_4bit would.
+
+        `importance` (scale search only): one value >= 0 per column (per input of a linear [out, in]), the second
+        moment of that input; the search then minimises each block's error weighted by it (quant_search.py)."""
         if weight.dtype not in FLOAT_DTYPES:
             raise ValueError(f"can only quantize bf16/fp16/fp32 tensors, got {weight.dtype}")
         if config.scale_search:
-            return cls._searched(weight, config)
+            return cls._searched(weight, config, importance)
         if weight.device.type == "cpu":
             packed, absmax = _native.quantize_4bit(weight, config.blocksize, config.type)
         else:
@@ -137,12 +141,12 @@ class QuantizedWeight:
         return qw._nest() if config.double_quant else qw
 
     @classmethod
-    def _searched(cls, weight: torch.Tensor, config: QuantConfig) -> QuantizedWeight:
+    def _searched(cls, weight: torch.Tensor, config: QuantConfig, importance: torch.Tensor | None) -> QuantizedWeight:
         """Scale search runs on CPU (one weight at a time: the loader streams), whatever the weight's device."""
         from qlora_kit.quant_search import search_quantize
 
         packed, absmax, nested_absmax, nested_code, offset = search_quantize(
-            weight.detach().cpu(), config.blocksize, config.type, config.double_quant
+            weight.detach().cpu(), config.blocksize, config.type, config.double_quant, importance
         )
         qw = cls(packed, absmax, weight.shape, weight.dtype, config.blocksize, config.type,
                  nested_absmax, nested_code, offset)
