@@ -39,8 +39,10 @@ class QuantConfig:
     blocksize: int = 64
     """Elements that share one absmax; a power of two from 32 to 4096."""
     scale_search: bool = False
-    """Choose each block's absmax to minimise its reconstruction error instead of taking the raw max (same
-    format, read unchanged by bitsandbytes; see quant_search.py). Off: bit-identical to bitsandbytes."""
+    """Choose each block's absmax to minimise its reconstruction error, weighted per input by that input's second
+    moment, instead of taking the raw max (same format, read unchanged by bitsandbytes; see quant_search.py). The
+    moments come from random token ids run through the model once (no data), or from the calibration text when
+    `calibration` is set. Off: bit-identical to bitsandbytes."""
     calibration: str | None = None
     """A text / JSONL file whose first few thousand tokens drive GPTQ-style error-compensating rounding of the
     codes (calibrate.py), same format again. Applied where whole models are quantized (loading, `quantize`); a

@@ -1,7 +1,7 @@
 """Scale search: bitsandbytes' 4-bit format with better values, chosen without data.
 
 bitsandbytes stores each block's raw max |x| as its scale. Per block we pick instead the scale that gives the lowest
-reconstruction error, by a small grid and Lloyd's alternation started from bitsandbytes' own result (see
+reconstruction error, by Lloyd's alternation (and optionally a grid) started from bitsandbytes' own result (see
 csrc/quant_search.c): a block is never worse than bitsandbytes' under that error, the scale never exceeds the raw
 max, and with double quantization the error is measured at the scale as a reader will decode it (the 8-bit level of
 its group). Nothing about the format changes -- the same codes, 16 levels, scale slots and nested state -- so
@@ -30,13 +30,16 @@ import torch
 from qlora_kit import _native, codes
 from qlora_kit.quant import NESTED_BLOCKSIZE
 
-GRID = torch.tensor([0.9, 0.8])
-"""Candidate scales as fractions of each block's raw absmax, tried after bitsandbytes' own. Measured on
-SmolLM2-135M with the random-token importance (tools/bench_fidelity.py's held-out perplexity; bitsandbytes 49.45,
-bf16 34.55): these two plus one Lloyd step close 61% of the gap; 8 fractions 1.0..0.6 plus two steps, 70%, at over
-twice the time; Lloyd steps alone from the raw max, 49%."""
+GRID = torch.empty(0)
+"""Candidate scales as fractions of each block's raw absmax, tried after bitsandbytes' own: none by default. Measured
+on SmolLM2-135M with the probe's weights (tools/bench_fidelity.py's held-out perplexity, bitsandbytes 49.45, bf16
+34.55; share of that gap closed, time against the plain kernel on a 4096x4096 weight): one Lloyd step alone 51% at
+~2.7x; the single fraction 0.8, 50%; 0.9 and 0.8 plus a Lloyd step, 61% at ~4.5x; 8 fractions 1.0..0.6 plus two
+steps, 70% at ~10x. Each candidate is a pass over the block, as costly as the whole plain kernel, so the default
+is the one candidate that keeps quantize time within 3x of it."""
 SEARCH_STEPS = 1
-"""Lloyd steps from the best grid candidate (each one more pass over the block, taken only while it helps)."""
+"""Lloyd steps from the best candidate so far (codes fixed, the best scale is <x, c>_w / <c, c>_w in closed form;
+each step one more pass over the block, taken only while it helps)."""
 
 
 def _load() -> ctypes.CDLL | None:

@@ -56,7 +56,7 @@ def test_never_worse_than_the_raw_absmax_on_any_block(shape, blocksize, quant_ty
     # the kernel compares candidates by float-lane sums: a tie within float rounding may go either way
     assert (e_search <= e_plain * (1 + 1e-5) + 1e-30).all()
     if w.numel() >= 4096:
-        assert e_search.sum() < 0.95 * e_plain.sum()
+        assert e_search.sum() < 0.98 * e_plain.sum()
 
 
 @pytest.mark.parametrize("double_quant", [True, False])
@@ -105,6 +105,26 @@ def test_native_equals_torch_fallback(dtype, quant_type, double_quant, weighted,
     monkeypatch.setattr(quant_search, "_LIB", None)
     torch_path = QuantizedWeight.quantize(w, cfg, imp)
     assert torch.equal(native.packed, torch_path.packed) and torch.equal(native.absmax, torch_path.absmax)
+
+
+@pytest.mark.skipif(not quant_search.HAVE_NATIVE, reason="native scale-search kernel not built")
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_native_equals_torch_fallback_with_a_grid(double_quant, monkeypatch):
+    """The grid and several Lloyd steps, off by default, choose the same bits on both paths too."""
+    w = heavy_tailed((129, 80), seed=4)
+    absmax, weights = quant_search.block_absmax(w, 64), quant_search.column_weights(w, outlier_importance(80))
+    code8 = codes.dynamic_map()
+    qabs, nabs = _native.quantize_blockwise(absmax - absmax.mean(), code8, 256)
+    levels = quant_search.nested_levels(nabs, code8, absmax.mean()) if double_quant else None
+    index = qabs if double_quant else None
+    grid = torch.linspace(1.0, 0.6, 8)
+    native = quant_search.search(w, 64, "nf4", absmax, levels, index, grid, 3, weights)
+    monkeypatch.setattr(quant_search, "_LIB", None)
+    fallback = quant_search.search(w, 64, "nf4", absmax, levels, index, grid, 3, weights)
+    for a, b in zip(native, fallback):
+        assert (a is None and b is None) or torch.equal(a, b)
+    default = quant_search.search(w, 64, "nf4", absmax, levels, index, weights=weights)
+    assert not torch.equal(native[0], default[0])  # the grid finds other scales than one Lloyd step
 
 
 @pytest.mark.parametrize("double_quant", [True, False])
@@ -168,13 +188,16 @@ def test_quantize_scale_search_checkpoint_bitsandbytes_reads_unchanged(tmp_path,
     ours = load_quantized(out)
     peer = AutoModelForCausalLM.from_pretrained(out)
     plain = load_quantized(llama_dir)
-    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
-        layer = peer.get_submodule(name)
-        assert type(layer).__name__ == "Linear4bit"
+    layers = {n: m for n, m in peer.named_modules() if type(m).__name__ == "Linear4bit"}
+    assert "model.layers.0.self_attn.q_proj" in layers and "model.layers.1.mlp.down_proj" in layers
+    moved = 0
+    for name, layer in layers.items():  # every layer decodes to the same weights on both sides
         theirs = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
         mine = ours.get_submodule(name).qweight.dequantize()
         assert torch.equal(theirs, mine)
-        assert not torch.equal(mine, plain.get_submodule(name).qweight.dequantize())
+        moved += not torch.equal(mine, plain.get_submodule(name).qweight.dequantize())
+    assert moved == len(layers)
     x = torch.randint(0, 128, (1, 6))
     with torch.no_grad():  # train(): as tests/test_cli.py, bitsandbytes' CPU inference kernels stay out of it
-        torch.testing.assert_close(peer.train()(x).logits, ours.train()(x).logits, atol=2e-2, rtol=1e-2)
+        # same weights, two bf16 matmul paths: logits near 10 may differ by one bf16 step (0.0625) there
+        torch.testing.assert_close(peer.train()(x).logits, ours.train()(x).logits, atol=0.07, rtol=1e-2)

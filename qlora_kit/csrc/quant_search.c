@@ -51,12 +51,6 @@ typedef struct {
     int32_t order[QS_NCODES]; /* code of each sorted level (FP4's permutation; NF4's is the identity) */
 } qs_table;
 
-static inline float load_f32(const void *src, int dtype, int64_t i) {
-    if (dtype == QS_BF16) return from_bits((uint32_t)((const uint16_t *)src)[i] << 16);
-    if (dtype == QS_F16) return f16_to_f32(((const uint16_t *)src)[i]);
-    return ((const float *)src)[i];
-}
-
 /* bitsandbytes' stored absmax of one block: the raw max |x| of a full block, the 1e-38-clamped one of the tail. */
 static inline float block_absmax(const float *x, int64_t len, int tail) {
     uint32_t m = 0;
@@ -189,37 +183,57 @@ typedef struct {
 
 /* Try stored scale `s` (snapped to its group's level with double quant); keep it if strictly better, and say so. */
 QS_INLINE int try_scale(const qs_job *job, const float *x, const float *w, int64_t len, int tail, const float *lv,
-                         float s, qs_best *best, int32_t *q, int32_t *best_q) {
+                         float s, qs_best *best, int32_t **q, int32_t **best_q) {
     int k = 0;
     if (lv) {
         k = nearest_level(lv, s);
         s = lv[k];
     }
     if (!(s > 0) || (best->assigned_at_scale && s == best->scale)) return 0; /* the same candidate again */
-    const qs_sums sums = candidate(x, w, len, s, tail, s, job->t, q);
+    const qs_sums sums = candidate(x, w, len, s, tail, s, job->t, *q);
     if (!(sums.err < best->sums.err)) return 0;
     *best = (qs_best){sums, s, k, 1};
-    memcpy(best_q, q, (size_t)len * sizeof *q);
+    int32_t *const won = *q; /* the winner's codes become the best; the old best's buffer takes the next try */
+    *q = *best_q;
+    *best_q = won;
     return 1;
 }
 
-QS_INLINE void search_block(const qs_job *job, int64_t b, float *x, float *w, int32_t *q, int32_t *best_q) {
+/* The block's elements in fp32, one loop per dtype so each vectorizes. */
+QS_INLINE void load_block(const void *src, int dtype, int64_t off, int64_t len, float *x) {
+    if (dtype == QS_BF16)
+        for (int64_t i = 0; i < len; i++) x[i] = from_bits((uint32_t)((const uint16_t *)src)[off + i] << 16);
+    else if (dtype == QS_F16)
+        for (int64_t i = 0; i < len; i++) x[i] = f16_to_f32(((const uint16_t *)src)[off + i]);
+    else
+        memcpy(x, (const float *)src + off, (size_t)len * sizeof *x);
+}
+
+/* The block's weights: a view into the row's weights when the block lies inside one row (the usual case), else
+ * copied into `buf` across the row ends; `ones` without weights. */
+QS_INLINE const float *block_weights(const qs_job *job, int64_t off, int64_t len, float *buf, const float *ones) {
+    if (!job->weight) return ones;
+    int64_t j = off % job->cols;
+    if (j + len <= job->cols) return job->weight + j;
+    for (int64_t i = 0; i < len; i++, j = j + 1 == job->cols ? 0 : j + 1) buf[i] = job->weight[j];
+    return buf;
+}
+
+QS_INLINE void search_block(const qs_job *job, int64_t b, float *x, float *wbuf, const float *ones, int32_t *q,
+                            int32_t *best_q) {
     const int64_t off = b * job->bs, len = job->n - off < job->bs ? job->n - off : job->bs;
     const int tail = len < job->bs;
-    for (int64_t i = 0; i < len; i++) x[i] = load_f32(job->src, job->dtype, off + i);
-    if (job->weight)
-        for (int64_t i = 0, j = off % job->cols; i < len; i++, j = j + 1 == job->cols ? 0 : j + 1) w[i] = job->weight[j];
-    else
-        for (int64_t i = 0; i < len; i++) w[i] = 1.0f;
+    load_block(job->src, job->dtype, off, len, x);
+    const float *w = block_weights(job, off, len, wbuf, ones);
     const float am = job->absmax[b];
     const float *lv = job->levels ? job->levels + (b / job->group) * QS_NLEVELS : NULL;
     qs_best best = {{0, 0, 0}, lv ? lv[job->level[b]] : am, lv ? job->level[b] : 0, 0};
     /* candidate 0: bitsandbytes' result -- codes assigned at the raw absmax, decoded at the stored scale */
     best.sums = candidate(x, w, len, am, tail, best.scale, job->t, best_q);
-    for (int j = 0; j < job->ngrid; j++) try_scale(job, x, w, len, tail, lv, am * job->grid[j], &best, q, best_q);
+    for (int j = 0; j < job->ngrid; j++) try_scale(job, x, w, len, tail, lv, am * job->grid[j], &best, &q, &best_q);
     for (int it = 0; it < job->iters && best.sums.cc > 0; it++) {
         const float next = (float)(best.sums.xc / best.sums.cc);
-        if (!try_scale(job, x, w, len, tail, lv, next < am ? next : am, &best, q, best_q))
+        if (!try_scale(job, x, w, len, tail, lv, next < am ? next : am, &best, &q, &best_q))
             break; /* no gain: the next step would start from the same codes and find the same scale */
     }
     for (int64_t i = 0; i + 1 < len; i += 2) job->packed[(off + i) / 2] = (uint8_t)(best_q[i] << 4 | best_q[i + 1]);
@@ -230,9 +244,10 @@ QS_INLINE void search_block(const qs_job *job, int64_t b, float *x, float *w, in
 
 QS_CLONES
 static void search_range(const qs_job *job, int64_t b0, int64_t b1) {
-    float x[QS_MAX_BLOCK], w[QS_MAX_BLOCK];
+    float x[QS_MAX_BLOCK], wbuf[QS_MAX_BLOCK], ones[QS_MAX_BLOCK];
     int32_t q[QS_MAX_BLOCK], best_q[QS_MAX_BLOCK];
-    for (int64_t b = b0; b < b1; b++) search_block(job, b, x, w, q, best_q);
+    for (int64_t i = 0; i < job->bs; i++) ones[i] = 1.0f;
+    for (int64_t b = b0; b < b1; b++) search_block(job, b, x, wbuf, ones, q, best_q);
 }
 
 QS_CLONES
@@ -240,7 +255,7 @@ static void absmax_range(const void *src, int dtype, int64_t n, int64_t bs, int6
     float x[QS_MAX_BLOCK];
     for (int64_t b = b0; b < b1; b++) {
         const int64_t off = b * bs, len = n - off < bs ? n - off : bs;
-        for (int64_t i = 0; i < len; i++) x[i] = load_f32(src, dtype, off + i);
+        load_block(src, dtype, off, len, x);
         out[b] = block_absmax(x, len, len < bs);
     }
 }
