@@ -5,10 +5,11 @@
  * weights, only which scale wins does, and Lloyd's closed form becomes <x, c>_w / <c, c>_w.
  *
  * bitsandbytes stores each block's raw max |x| as its scale. Clipping the largest element a little usually lowers
- * the error of all the others, because NF4's levels are spread over [-scale, scale]. Per block we try a small
- * grid of fractions of the raw max (the error as a function of the scale has many local minima, so a grid finds
- * far better ones than descent alone), then polish the best with Lloyd steps: codes fixed, the best scale is
- * <x, c> / <c, c> in closed form; scale fixed, the best codes are the nearest levels. A candidate is kept only
+ * the error of all the others, because NF4's levels are spread over [-scale, scale]. Per block we may try a grid
+ * of fractions of the raw max (the error as a function of the scale has many local minima, so a grid finds better
+ * ones than descent alone), then take Lloyd steps from the best: codes fixed, the best scale is <x, c> / <c, c> in
+ * closed form; scale fixed, the best codes are the nearest levels. Each candidate costs a pass over the block, so
+ * the caller's default is one Lloyd step and no grid (quant_search.py says what more buys). A candidate is kept only
  * when its error is strictly below the best so far, and the first candidate is bitsandbytes' exact result, so a
  * block is never worse than bitsandbytes'. Scales are capped at the raw max.
  *
