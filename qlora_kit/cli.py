@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-double-quant", action="store_true", help="keep per-block absmax in fp32")
     q.add_argument("--blocksize", type=int, default=64, help="elements per absmax block (32..4096)")
     q.add_argument("--scale-search", action="store_true",
-                   help="choose each block's absmax for the lowest error (same format, lower error)")
+                   help="choose each block's absmax for the lowest input-weighted error, the weights from random "
+                        "tokens run through the model, no data (same format)")
     q.add_argument("--calibrate", metavar="FILE",
                    help="text / JSONL ('text' field): GPTQ-style rounding on its first tokens (same format)")
     q.add_argument("--max-shard-gb", type=float, default=5.0, help="shard size of the output")

@@ -65,12 +65,17 @@ def quantize_checkpoint(
     dtype = config.dtype if isinstance(config.dtype, torch.dtype) else torch.bfloat16
     model = build_empty(config, dtype, trust_remote_code)
     targets = {f"{name}.weight": t for name, t in quant_targets(model).items()}
-    calibrated = {}
+    calibrated, importance = {}, {}
     if quant.calibration is not None:
         from qlora_kit.calibrate import calibrate_checkpoint
 
         by_module = calibrate_checkpoint(model_dir, quant, trust_remote_code)
         calibrated = {f"{name}.weight": qw for name, qw in by_module.items()}
+    elif quant.scale_search:
+        from qlora_kit.calibrate import probe_importance
+
+        by_module = probe_importance(model_dir, trust_remote_code)
+        importance = {f"{name}.weight": m for name, m in by_module.items()}
     report = QuantizeReport(out_dir, 0, 0, 0, sum(i.nbytes for i in infos.values()), 0, 0)
     with AtomicDir(out_dir) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
@@ -83,7 +88,7 @@ def quantize_checkpoint(
                     report.kept += 1
                     continue
                 weight = tensor.t() if target.transposed else tensor
-                qw = calibrated.pop(key, None) or QuantizedWeight.quantize(weight, quant)
+                qw = calibrated.pop(key, None) or QuantizedWeight.quantize(weight, quant, importance.pop(key, None))
                 for k, v in qw.state_dict(key).items():
                     writer.add(k, v)
                 report.quantized += 1

@@ -106,11 +106,12 @@ def _key_map(model: nn.Module, infos: dict[str, TensorInfo]) -> dict[str, str]:
 class _Streamer:
     """Places tensors into the meta-built model one at a time, swapping target linears for `QLinear`s."""
 
-    def __init__(self, model, targets, quant, device, dtype, calibrated=None) -> None:
+    def __init__(self, model, targets, quant, device, dtype, calibrated=None, importance=None) -> None:
         self.model, self.targets, self.quant = model, targets, quant
         self.device, self.dtype = torch.device(device), dtype
         self.biases: dict[str, torch.Tensor] = {}
         self.calibrated: dict[str, QuantizedWeight] = calibrated or {}  # calibrate.py's, by module name
+        self.importance: dict[str, torch.Tensor] = importance or {}  # scale search's input moments, by module name
 
     def place(self, key: str, reader: TensorReader, ckpt_key: str) -> None:
         module_name, _, attr = key.rpartition(".")
@@ -133,7 +134,8 @@ class _Streamer:
         else:
             w = reader.read(ckpt_key).to(self.device)
             w = w.t() if target.transposed else w
-            qw = QuantizedWeight.quantize(w.to(self.dtype) if w.dtype == torch.float64 else w, self.quant)
+            qw = QuantizedWeight.quantize(w.to(self.dtype) if w.dtype == torch.float64 else w, self.quant,
+                                          self.importance.pop(name, None))
         self._check_shape(name + ".weight", tuple(qw.shape), self._meta_shape(name, target), reader, ckpt_key)
         parent, child = _parent(self.model, name)
         layer = QLinear(qw, self.biases.pop(name, None), compute_dtype=self.dtype)
@@ -203,8 +205,9 @@ def load_quantized(
 ) -> nn.Module:
     """Load an HF checkpoint directory with its linear layers frozen in 4 bits and, if `lora` is given, LoRA
     adapters on the targeted ones. `dtype` is the compute dtype and the dtype of the unquantized parameters.
-    `quant.scale_search` applies as each weight is quantized; `quant.calibration` first runs the unquantized
-    model over the calibration text (calibrate.py), which holds it in fp32 memory for that while."""
+    `quant.calibration` first runs the unquantized model over the calibration text (calibrate.py), and
+    `quant.scale_search` without it over random token ids (calibrate.probe_importance); either holds the model in
+    fp32 memory for that while. Scale search then applies as each weight is quantized."""
     model_dir = Path(path)
     config = read_config(model_dir, trust_remote_code)
     infos = tensor_index(model_dir)
@@ -219,12 +222,16 @@ def load_quantized(
     if unused:
         log.warning("%s: %d checkpoint tensors are not used by %s (e.g. %s)", model_dir, len(unused),
                     type(model).__name__, unused[0])
-    calibrated = None
+    calibrated = importance = None
     if quant.calibration is not None and saved_quant is None:
         from qlora_kit.calibrate import calibrate_checkpoint
 
         calibrated = calibrate_checkpoint(model_dir, quant, trust_remote_code)
-    streamer = _Streamer(model, targets, quant, device, dtype, calibrated)
+    elif quant.scale_search and saved_quant is None:
+        from qlora_kit.calibrate import probe_importance
+
+        importance = probe_importance(model_dir, trust_remote_code)
+    streamer = _Streamer(model, targets, quant, device, dtype, calibrated, importance)
     with TensorReader(infos) as reader:
         for ckpt_key in iter_by_file(infos):
             key = keys.get(ckpt_key)

@@ -39,8 +39,10 @@ class QuantConfig:
     blocksize: int = 64
     """Elements that share one absmax; a power of two from 32 to 4096."""
     scale_search: bool = False
-    """Choose each block's absmax to minimise its reconstruction error instead of taking the raw max (same
-    format, read unchanged by bitsandbytes; see quant_search.py). Off: bit-identical to bitsandbytes."""
+    """Choose each block's absmax to minimise its reconstruction error, weighted per input by that input's second
+    moment, instead of taking the raw max (same format, read unchanged by bitsandbytes; see quant_search.py). The
+    moments come from random token ids run through the model once (no data), or from the calibration text when
+    `calibration` is set. Off: bit-identical to bitsandbytes."""
     calibration: str | None = None
     """A text / JSONL file whose first few thousand tokens drive GPTQ-style error-compensating rounding of the
     codes (calibrate.py), same format again. Applied where whole models are quantized (loading, `quantize`); a
@@ -119,12 +121,16 @@ class QuantizedWeight:
     _gemv: tuple | None = field(default=None, repr=False, compare=False)  # see gemv_args
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor, config: QuantConfig = QuantConfig()) -> QuantizedWeight:
-        """Quantize `weight` (bf16/fp16/fp32) exactly as bitsandbytes' quantize_4bit would."""
+    def quantize(cls, weight: torch.Tensor, config: QuantConfig = QuantConfig(),
+                 importance: torch.Tensor | None = None) -> QuantizedWeight:
+        """Quantize `weight` (bf16/fp16/fp32) exactly as bitsandbytes' quantize_4bit would.
+
+        `importance` (scale search only): one value >= 0 per column (per input of a linear [out, in]), the second
+        moment of that input; the search then minimises each block's error weighted by it (quant_search.py)."""
         if weight.dtype not in FLOAT_DTYPES:
             raise ValueError(f"can only quantize bf16/fp16/fp32 tensors, got {weight.dtype}")
         if config.scale_search:
-            return cls._searched(weight, config)
+            return cls._searched(weight, config, importance)
         if weight.device.type == "cpu":
             packed, absmax = _native.quantize_4bit(weight, config.blocksize, config.type)
         else:
@@ -137,12 +143,12 @@ class QuantizedWeight:
         return qw._nest() if config.double_quant else qw
 
     @classmethod
-    def _searched(cls, weight: torch.Tensor, config: QuantConfig) -> QuantizedWeight:
+    def _searched(cls, weight: torch.Tensor, config: QuantConfig, importance: torch.Tensor | None) -> QuantizedWeight:
         """Scale search runs on CPU (one weight at a time: the loader streams), whatever the weight's device."""
         from qlora_kit.quant_search import search_quantize
 
         packed, absmax, nested_absmax, nested_code, offset = search_quantize(
-            weight.detach().cpu(), config.blocksize, config.type, config.double_quant
+            weight.detach().cpu(), config.blocksize, config.type, config.double_quant, importance
         )
         qw = cls(packed, absmax, weight.shape, weight.dtype, config.blocksize, config.type,
                  nested_absmax, nested_code, offset)

@@ -1,11 +1,19 @@
 """Scale search: bitsandbytes' 4-bit format with better values, chosen without data.
 
 bitsandbytes stores each block's raw max |x| as its scale. Per block we pick instead the scale that gives the lowest
-squared reconstruction error, by Lloyd's alternation started from bitsandbytes' own result (see
-csrc/quant_search.c): a block is never worse than bitsandbytes', the scale never exceeds the raw max, and with
-double quantization the error is measured at the scale as a reader will decode it (the 8-bit level of its group).
-Nothing about the format changes -- the same codes, 16 levels, scale slots and nested state -- so bitsandbytes,
-transformers and every peer read the result unchanged.
+reconstruction error, by Lloyd's alternation (and optionally a grid) started from bitsandbytes' own result (see
+csrc/quant_search.c): a block is never worse than bitsandbytes' under that error, the scale never exceeds the raw
+max, and with double quantization the error is measured at the scale as a reader will decode it (the 8-bit level of
+its group). Nothing about the format changes -- the same codes, 16 levels, scale slots and nested state -- so
+bitsandbytes, transformers and every peer read the result unchanged.
+
+The error is weighted per input column: sum_j m_j (w_ij - q_ij)^2 over a block, m_j the second moment of the layer's
+input j, because a layer's output error is X (W - Q)^T and the inputs are far from even: a few channels of an LLM's
+residual stream carry activations hundreds of times the rest. Plain weight MSE (all m_j equal) clips the weights
+those channels read and, on SmolLM2-135M, lowers weight error by 16% while moving perplexity by nothing; the weighted
+search is what moves it (BENCHMARKS.md). Whole-model quantization (loader, `qlora-kit quantize`) gets m from
+calibrate.probe_importance -- random token ids through the model, no data -- or, with a calibration file, from the
+real inputs' Hessian diagonal; a lone `QuantizedWeight.quantize` call without `importance` weighs all columns alike.
 
 `search_quantize` is what `QuantizedWeight.quantize` calls when `QuantConfig.scale_search` is set. Kernels: the C
 library `qlora_kit._quant_search` on CPU (loaded with ctypes, like `_native`), otherwise the torch path below,
@@ -22,12 +30,16 @@ import torch
 from qlora_kit import _native, codes
 from qlora_kit.quant import NESTED_BLOCKSIZE
 
-GRID = torch.linspace(1.0, 0.6, 8)
-"""Candidate scales as fractions of each block's raw absmax. On SmolLM2-135M's weights this grid plus one Lloyd
-step removes 16% of NF4's squared error; 50 fractions plus two steps, 16.5%; Lloyd steps alone from the raw
-max, 9.6% (they stop in the nearest local minimum)."""
-SEARCH_STEPS = 2
-"""Lloyd steps from the best grid candidate (each one more pass over the block, taken only while it helps)."""
+GRID = torch.empty(0)
+"""Candidate scales as fractions of each block's raw absmax, tried after bitsandbytes' own: none by default. Measured
+on SmolLM2-135M with the probe's weights (tools/bench_fidelity.py's held-out perplexity, bitsandbytes 49.45, bf16
+34.55; share of that gap closed, time against the plain kernel on a 4096x4096 weight): one Lloyd step alone 51% at
+~2.7x; the single fraction 0.8, 50%; 0.9 and 0.8 plus a Lloyd step, 61% at ~4.5x; 8 fractions 1.0..0.6 plus two
+steps, 70% at ~10x. Each candidate is a pass over the block, as costly as the whole plain kernel, so the default
+is the one candidate that keeps quantize time within 3x of it."""
+SEARCH_STEPS = 1
+"""Lloyd steps from the best candidate so far (codes fixed, the best scale is <x, c>_w / <c, c>_w in closed form;
+each step one more pass over the block, taken only while it helps)."""
 
 
 def _load() -> ctypes.CDLL | None:
@@ -38,7 +50,8 @@ def _load() -> ctypes.CDLL | None:
     try:
         lib = ctypes.CDLL(spec.origin)
         lib.qs_absmax.argtypes = [ptr, i32, i64, i64, ptr, i32]
-        lib.qs_search.argtypes = [ptr, i32, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, ptr, i32, i32, ptr, ptr, ptr, i32]
+        lib.qs_search.argtypes = [ptr, i32, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, ptr, i64, ptr, i32, i32, ptr, ptr, ptr,
+                                  i32]
     except (OSError, AttributeError):
         return None
     lib.qs_absmax.restype = lib.qs_search.restype = i32
@@ -73,21 +86,37 @@ def nested_levels(nested_absmax: torch.Tensor, nested_code: torch.Tensor, offset
     return nested_code.view(1, -1) * nested_absmax.float().view(-1, 1) + offset.float()
 
 
+def column_weights(A: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor | None:
+    """`importance` (one value per column of A, i.e. per input of a linear [out, in]) as the search's fp32 weights,
+    scaled to mean 1 so the error sums keep ordinary magnitudes; None stays None (every element weighs 1)."""
+    if importance is None:
+        return None
+    imp = importance.detach().reshape(-1).float().cpu()
+    cols = A.shape[-1] if A.dim() else 1
+    if imp.numel() != cols or not torch.isfinite(imp).all() or (imp < 0).any():
+        raise ValueError(f"importance must be {cols} finite values >= 0 (one per column), got {imp.numel()}")
+    mean = imp.mean()
+    return (imp / mean if mean > 0 else torch.ones_like(imp)).contiguous()
+
+
 def search(
     A: torch.Tensor, blocksize: int, quant_type: str, absmax: torch.Tensor,
     levels: torch.Tensor | None = None, level_index: torch.Tensor | None = None,
-    grid: torch.Tensor = GRID, steps: int = SEARCH_STEPS,
+    grid: torch.Tensor = GRID, steps: int = SEARCH_STEPS, weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(packed codes, stored scale per block, chosen level index per block or None) for A.
 
     `absmax` is `block_absmax(A)`; with double quantization `levels` is `nested_levels(...)` and `level_index`
     bitsandbytes' 8-bit code of each block's absmax (the search's starting point). `grid` and `steps` as
-    GRID and SEARCH_STEPS; steps=0 with an empty grid is bitsandbytes' result."""
+    GRID and SEARCH_STEPS; steps=0 with an empty grid is bitsandbytes' result. `weights` (`column_weights`): the
+    error minimised is sum_i weights[col(i)] * (x_i - decoded_i)^2 over each block; None: plain squared error."""
     _native._check(blocksize, quant_type, A.dtype, A)
     A = A.detach().contiguous()
     grid = grid.float().contiguous()
+    cols = A.shape[-1] if A.dim() else 1
     if _LIB is None or blocksize > 4096:
-        return _torch_search(A.reshape(-1), blocksize, quant_type, absmax, levels, level_index, grid, steps)
+        return _torch_search(A.reshape(-1), cols, blocksize, quant_type, absmax, levels, level_index, grid, steps,
+                             weights)
     n = A.numel()
     bounds, order, code = _native._tables(quant_type)
     order8 = order.to(torch.uint8)
@@ -97,7 +126,8 @@ def search(
     idx = None if level_index is None else level_index.detach().reshape(-1).contiguous().clone()
     rc = _LIB.qs_search(
         A.data_ptr(), _native._DTYPE_CODES[A.dtype], n, blocksize, bounds.data_ptr(), order8.data_ptr(),
-        code.data_ptr(), absmax.contiguous().data_ptr(), None if lv is None else lv.data_ptr(), NESTED_BLOCKSIZE,
+        code.data_ptr(), absmax.contiguous().data_ptr(), None if weights is None else weights.data_ptr(), cols,
+        None if lv is None else lv.data_ptr(), NESTED_BLOCKSIZE,
         grid.data_ptr(), grid.numel(), steps, packed.data_ptr(), scale.data_ptr(),
         None if idx is None else idx.data_ptr(), torch.get_num_threads(),
     )
@@ -121,16 +151,17 @@ def _lane_sum(terms: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def _candidate(x, valid, assign, tail, scale, quant_type):
+def _candidate(x, weight, assign, tail, scale, quant_type):
     """Codes of x [blocks, bs] assigned at `assign` (reciprocal for full blocks, division for the tail) and the
-    sums (error, <x, c>, <c, c>) of decoding them at `scale`, as the C kernel forms them."""
+    weighted sums (error, <x, c>, <c, c>) of decoding them at `scale`, as the C kernel forms them (`weight` is 0
+    on padding)."""
     bounds, order, code = _native._tables(quant_type)
     div = assign.clamp(min=1e-38).view(-1, 1)
     y = torch.where(tail.view(-1, 1), x / div, x * (1.0 / div))
     q = order[torch.bucketize(y, bounds)]
     c = code[q]
     d = x - c * scale.view(-1, 1)
-    sums = [_lane_sum(t * valid) for t in (d * d, x * c, c * c)]
+    sums = [_lane_sum(t * weight) for t in (d * d, x * c, c * c)]
     return q, *sums
 
 
@@ -143,26 +174,27 @@ def _snap(levels, group, s):
     return torch.where(take_lo, lo_v, hi_v), torch.where(take_lo, hi - 1, hi)
 
 
-def _torch_search(A, blocksize, quant_type, absmax, levels, level_index, grid, steps):
+def _torch_search(A, cols, blocksize, quant_type, absmax, levels, level_index, grid, steps, weights):
     n = A.numel()
     nblocks = -(-n // blocksize)
     width = -(-blocksize // LANES) * LANES
     x = torch.nn.functional.pad(A.float(), (0, nblocks * blocksize - n)).view(nblocks, blocksize)
-    valid = (torch.arange(nblocks * blocksize) < n).view(nblocks, blocksize).float()
-    x, valid = (torch.nn.functional.pad(t, (0, width - blocksize)) for t in (x, valid))
+    index = torch.arange(nblocks * blocksize)
+    weight = (index < n).float() if weights is None else torch.where(index < n, weights[index % cols], 0.0)
+    x, weight = (torch.nn.functional.pad(t, (0, width - blocksize)) for t in (x, weight.view(nblocks, blocksize)))
     tail = torch.zeros(nblocks, dtype=torch.bool)
     tail[-1:] = n % blocksize != 0
     group = torch.arange(nblocks) // NESTED_BLOCKSIZE
     best_k = torch.zeros(nblocks, dtype=torch.long) if levels is None else level_index.reshape(-1).long().clone()
     best_s = absmax.clone() if levels is None else levels[group, best_k]
-    best_q, best_err, best_xc, best_cc = _candidate(x, valid, absmax, tail, best_s, quant_type)
+    best_q, best_err, best_xc, best_cc = _candidate(x, weight, absmax, tail, best_s, quant_type)
 
     def try_scale(s):
         nonlocal best_q, best_err, best_xc, best_cc, best_s, best_k
         k = best_k
         if levels is not None:
             s, k = _snap(levels, group, s)
-        q, err, xc, cc = _candidate(x, valid, s, tail, s, quant_type)
+        q, err, xc, cc = _candidate(x, weight, s, tail, s, quant_type)
         better = (s > 0) & (err < best_err)  # a repeated scale repeats its error: never strictly better
         best_q = torch.where(better.view(-1, 1), q, best_q)
         best_err, best_xc, best_cc = (torch.where(better, a, b) for a, b in ((err, best_err), (xc, best_xc),
@@ -179,17 +211,19 @@ def _torch_search(A, blocksize, quant_type, absmax, levels, level_index, grid, s
     return packed, best_s, None if levels is None else best_k.to(torch.uint8)
 
 
-def search_quantize(weight: torch.Tensor, blocksize: int, quant_type: str, double_quant: bool):
+def search_quantize(weight: torch.Tensor, blocksize: int, quant_type: str, double_quant: bool,
+                    importance: torch.Tensor | None = None):
     """The pieces `QuantizedWeight` holds, scale-searched: (packed, absmax, nested_absmax, nested_code, offset);
-    the last three None without double quantization."""
+    the last three None without double quantization. `importance`: see `column_weights`."""
     absmax = block_absmax(weight, blocksize)
+    weights = column_weights(weight, importance)
     if not double_quant:
-        packed, scale, _ = search(weight, blocksize, quant_type, absmax)
+        packed, scale, _ = search(weight, blocksize, quant_type, absmax, weights=weights)
         return packed, scale, None, None, None
     # bitsandbytes' nesting of the raw maxima, kept as it is: only the per-block level index changes
     offset = absmax.mean()
     nested_code = codes.dynamic_map()
     qabsmax, nested_absmax = _native.quantize_blockwise(absmax - offset, nested_code, NESTED_BLOCKSIZE)
     levels = nested_levels(nested_absmax, nested_code, offset)
-    packed, _, index = search(weight, blocksize, quant_type, absmax, levels, qabsmax)
+    packed, _, index = search(weight, blocksize, quant_type, absmax, levels, qabsmax, weights=weights)
     return packed, index, nested_absmax, nested_code, offset

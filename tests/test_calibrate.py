@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qlora_kit import calibrate
 from qlora_kit.cli import main
@@ -39,8 +39,9 @@ def test_gptq_lowers_output_error_keeps_scales(quant_type, scale_search):
     x = torch.randn(512, 96, generator=g) @ mix
     w = torch.randn(40, 96, generator=g) * 0.05
     cfg = QuantConfig(quant_type, True, 64, scale_search)
-    plain = QuantizedWeight.quantize(w, cfg)
-    calibrated = calibrate.gptq_quantize(w, x.t() @ x / x.shape[0], cfg)
+    hessian = x.t() @ x / x.shape[0]
+    plain = QuantizedWeight.quantize(w, cfg, hessian.diagonal() if scale_search else None)  # searched on its moments
+    calibrated = calibrate.gptq_quantize(w, hessian, cfg)
     assert output_error(x, w, calibrated) < 0.8 * output_error(x, w, plain)
     assert torch.equal(calibrated.absmax, plain.absmax) and torch.equal(calibrated.nested_absmax, plain.nested_absmax)
     assert calibrated.packed.shape == plain.packed.shape and not torch.equal(calibrated.packed, plain.packed)
@@ -78,11 +79,16 @@ def test_quantize_calibrate_end_to_end(calib_model, tmp_path):
     assert main(["quantize", str(model_dir), str(out), "--calibrate", str(text), "--scale-search"]) == 0
     peer = AutoModelForCausalLM.from_pretrained(out)
     ours = load_quantized(out)
-    plain = load_quantized(model_dir, quant=QuantConfig(scale_search=True))
     name = "model.layers.1.self_attn.o_proj"
     assert type(peer.get_submodule(name)).__name__ == "Linear4bit"
-    ours_w, plain_w = ours.get_submodule(name).qweight, plain.get_submodule(name).qweight
-    assert torch.equal(ours_w.absmax, plain_w.absmax) and not torch.equal(ours_w.packed, plain_w.packed)
+    # the scales are scale search's under the calibration inputs' second moments; GPTQ then moves only the codes
+    dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    batch = calibrate.calibration_batch(AutoTokenizer.from_pretrained(model_dir), calibrate.read_calibration_text(text))
+    layer = dense.get_submodule(name)
+    hessian = calibrate.collect_hessians(dense, {name: layer}, batch)[name]
+    searched = QuantizedWeight.quantize(layer.weight.detach(), QuantConfig(scale_search=True), hessian.diagonal())
+    ours_w = ours.get_submodule(name).qweight
+    assert torch.equal(ours_w.absmax, searched.absmax) and not torch.equal(ours_w.packed, searched.packed)
     x = torch.randint(0, 128, (1, 6))
     with torch.no_grad():
         torch.testing.assert_close(peer.train()(x).logits, ours.train()(x).logits, atol=2e-2, rtol=1e-2)

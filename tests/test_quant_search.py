@@ -1,11 +1,12 @@
-"""Scale search: never worse than bitsandbytes' raw absmax on any block, same format, read by bitsandbytes."""
+"""Scale search: never worse than bitsandbytes' raw absmax on any block under the error it minimises (squared,
+weighted per input column by its importance when given), same format, read by bitsandbytes."""
 
 import pytest
 import torch
 from bitsandbytes import functional as bnbf
 from transformers import AutoModelForCausalLM
 
-from qlora_kit import _native, codes, quant_search
+from qlora_kit import _native, calibrate, codes, quant_search
 from qlora_kit.cli import main
 from qlora_kit.config import load_recipe
 from qlora_kit.errors import ConfigError
@@ -23,9 +24,20 @@ def heavy_tailed(shape, dtype=torch.bfloat16, seed=0):
     return (0.02 * z / chi.sqrt()).to(dtype)
 
 
-def block_errors(qw: QuantizedWeight, w: torch.Tensor) -> torch.Tensor:
-    """Squared reconstruction error of each block, in double, from the values a reader decodes."""
-    d = (qw.dequantize(torch.float32).double() - w.double()).reshape(-1)
+def outlier_importance(cols: int, seed: int = 0) -> torch.Tensor:
+    """Per-column second moments as an LLM's inputs have them: most near 1, a few channels hundreds of times more."""
+    g = torch.Generator().manual_seed(seed)
+    imp = torch.rand(cols, generator=g) + 0.5
+    imp[torch.randperm(cols, generator=g)[: max(cols // 50, 1)]] *= 300
+    return imp
+
+
+def block_errors(qw: QuantizedWeight, w: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
+    """(Weighted) squared reconstruction error of each block, in double, from the values a reader decodes."""
+    d = (qw.dequantize(torch.float32).double() - w.double())
+    if importance is not None:
+        d = d * importance.double().sqrt()
+    d = d.reshape(-1)
     nblocks = -(-d.numel() // qw.blocksize)
     return torch.nn.functional.pad(d, (0, nblocks * qw.blocksize - d.numel())).view(nblocks, -1).pow(2).sum(1)
 
@@ -34,15 +46,17 @@ def block_errors(qw: QuantizedWeight, w: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("blocksize", [64, 256])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_never_worse_than_the_raw_absmax_on_any_block(shape, blocksize, quant_type, double_quant):
+@pytest.mark.parametrize("weighted", [False, True])
+def test_never_worse_than_the_raw_absmax_on_any_block(shape, blocksize, quant_type, double_quant, weighted):
     w = heavy_tailed(shape, seed=hash((shape, blocksize)) % 1000)
+    imp = outlier_importance(shape[1]) if weighted else None
     plain = QuantizedWeight.quantize(w, QuantConfig(quant_type, double_quant, blocksize))
-    searched = QuantizedWeight.quantize(w, QuantConfig(quant_type, double_quant, blocksize, scale_search=True))
-    e_plain, e_search = block_errors(plain, w), block_errors(searched, w)
+    searched = QuantizedWeight.quantize(w, QuantConfig(quant_type, double_quant, blocksize, scale_search=True), imp)
+    e_plain, e_search = block_errors(plain, w, imp), block_errors(searched, w, imp)
     # the kernel compares candidates by float-lane sums: a tie within float rounding may go either way
     assert (e_search <= e_plain * (1 + 1e-5) + 1e-30).all()
     if w.numel() >= 4096:
-        assert e_search.sum() < 0.95 * e_plain.sum()
+        assert e_search.sum() < 0.98 * e_plain.sum()
 
 
 @pytest.mark.parametrize("double_quant", [True, False])
@@ -82,13 +96,68 @@ def test_bitsandbytes_result_is_the_first_candidate(dtype, quant_type):
     (torch.bfloat16, "nf4", True), (torch.bfloat16, "fp4", False), (torch.float32, "nf4", False),
     (torch.float16, "fp4", True),
 ])
-def test_native_equals_torch_fallback(dtype, quant_type, double_quant, monkeypatch):
-    w = heavy_tailed((129, 80), dtype, seed=3)  # a tail block and an odd element count
+@pytest.mark.parametrize("weighted", [False, True])
+def test_native_equals_torch_fallback(dtype, quant_type, double_quant, weighted, monkeypatch):
+    w = heavy_tailed((129, 80), dtype, seed=3)  # a tail block, an odd element count, blocks across rows
+    imp = outlier_importance(80) if weighted else None
     cfg = QuantConfig(quant_type, double_quant, 64, scale_search=True)
-    native = QuantizedWeight.quantize(w, cfg)
+    native = QuantizedWeight.quantize(w, cfg, imp)
     monkeypatch.setattr(quant_search, "_LIB", None)
-    torch_path = QuantizedWeight.quantize(w, cfg)
+    torch_path = QuantizedWeight.quantize(w, cfg, imp)
     assert torch.equal(native.packed, torch_path.packed) and torch.equal(native.absmax, torch_path.absmax)
+
+
+@pytest.mark.skipif(not quant_search.HAVE_NATIVE, reason="native scale-search kernel not built")
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_native_equals_torch_fallback_with_a_grid(double_quant, monkeypatch):
+    """The grid and several Lloyd steps, off by default, choose the same bits on both paths too."""
+    w = heavy_tailed((129, 80), seed=4)
+    absmax, weights = quant_search.block_absmax(w, 64), quant_search.column_weights(w, outlier_importance(80))
+    code8 = codes.dynamic_map()
+    qabs, nabs = _native.quantize_blockwise(absmax - absmax.mean(), code8, 256)
+    levels = quant_search.nested_levels(nabs, code8, absmax.mean()) if double_quant else None
+    index = qabs if double_quant else None
+    grid = torch.linspace(1.0, 0.6, 8)
+    native = quant_search.search(w, 64, "nf4", absmax, levels, index, grid, 3, weights)
+    monkeypatch.setattr(quant_search, "_LIB", None)
+    fallback = quant_search.search(w, 64, "nf4", absmax, levels, index, grid, 3, weights)
+    for a, b in zip(native, fallback):
+        assert (a is None and b is None) or torch.equal(a, b)
+    default = quant_search.search(w, 64, "nf4", absmax, levels, index, weights=weights)
+    assert not torch.equal(native[0], default[0])  # the grid finds other scales than one Lloyd step
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_importance_moves_the_error_off_the_important_inputs(double_quant):
+    """Weighted search lowers the weighted error below what the unweighted search reaches: it is what that search
+    minimises, and the unweighted one clips the outlier inputs' weights that the weighting protects."""
+    w = heavy_tailed((256, 512), seed=5)
+    imp = outlier_importance(512, seed=1)
+    cfg = QuantConfig(double_quant=double_quant, scale_search=True)
+    weighted, unweighted = QuantizedWeight.quantize(w, cfg, imp), QuantizedWeight.quantize(w, cfg)
+    assert block_errors(weighted, w, imp).sum() < 0.97 * block_errors(unweighted, w, imp).sum()
+    uniform = QuantizedWeight.quantize(w, cfg, torch.full((512,), 7.0))  # only relative importance counts
+    assert torch.equal(uniform.packed, unweighted.packed) and torch.equal(uniform.absmax, unweighted.absmax)
+
+
+def test_importance_must_be_one_finite_value_per_column():
+    w = heavy_tailed((8, 64))
+    cfg = QuantConfig(scale_search=True)
+    for bad in (torch.ones(63), torch.full((64,), float("nan")), -torch.ones(64)):
+        with pytest.raises(ValueError, match="importance"):
+            QuantizedWeight.quantize(w, cfg, bad)
+    zero = QuantizedWeight.quantize(w, cfg, torch.zeros(64))  # no information: the unweighted search
+    assert torch.equal(zero.packed, QuantizedWeight.quantize(w, cfg).packed)
+
+
+def test_probe_importance_is_data_free_and_deterministic(llama_dir):
+    first, second = calibrate.probe_importance(llama_dir), calibrate.probe_importance(llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(llama_dir)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    assert set(first) <= set(linears) and "model.layers.0.self_attn.q_proj" in first
+    for name, m in first.items():
+        assert m.shape == (linears[name].in_features,) and (m >= 0).all() and m.sum() > 0
+        assert torch.equal(m, second[name])
 
 
 def test_config():
@@ -108,7 +177,8 @@ def test_recipe_and_loader(tmp_path, llama_dir):
     assert quant.scale_search and quant.calibration == str(tmp_path / "calib.txt")
     w = AutoModelForCausalLM.from_pretrained(llama_dir).model.layers[0].mlp.up_proj.weight.detach()
     layer = load_quantized(llama_dir, quant=QuantConfig(scale_search=True)).model.layers[0].mlp.up_proj
-    expected = QuantizedWeight.quantize(w, QuantConfig(scale_search=True))
+    imp = calibrate.probe_importance(llama_dir)["model.layers.0.mlp.up_proj"]
+    expected = QuantizedWeight.quantize(w, QuantConfig(scale_search=True), imp)
     assert torch.equal(layer.qweight.packed, expected.packed) and torch.equal(layer.qweight.absmax, expected.absmax)
 
 
@@ -118,13 +188,16 @@ def test_quantize_scale_search_checkpoint_bitsandbytes_reads_unchanged(tmp_path,
     ours = load_quantized(out)
     peer = AutoModelForCausalLM.from_pretrained(out)
     plain = load_quantized(llama_dir)
-    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
-        layer = peer.get_submodule(name)
-        assert type(layer).__name__ == "Linear4bit"
+    layers = {n: m for n, m in peer.named_modules() if type(m).__name__ == "Linear4bit"}
+    assert "model.layers.0.self_attn.q_proj" in layers and "model.layers.1.mlp.down_proj" in layers
+    moved = 0
+    for name, layer in layers.items():  # every layer decodes to the same weights on both sides
         theirs = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
         mine = ours.get_submodule(name).qweight.dequantize()
         assert torch.equal(theirs, mine)
-        assert not torch.equal(mine, plain.get_submodule(name).qweight.dequantize())
+        moved += not torch.equal(mine, plain.get_submodule(name).qweight.dequantize())
+    assert moved == len(layers)
     x = torch.randint(0, 128, (1, 6))
     with torch.no_grad():  # train(): as tests/test_cli.py, bitsandbytes' CPU inference kernels stay out of it
-        torch.testing.assert_close(peer.train()(x).logits, ours.train()(x).logits, atol=2e-2, rtol=1e-2)
+        # same weights, two bf16 matmul paths: logits near 10 may differ by one bf16 step (0.0625) there
+        torch.testing.assert_close(peer.train()(x).logits, ours.train()(x).logits, atol=0.07, rtol=1e-2)

