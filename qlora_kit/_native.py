@@ -349,7 +349,7 @@ def gemv_supported(x: torch.Tensor, in_features: int, blocksize: int) -> bool:
     """Whether `gemm_4bit` takes x: a CPU tensor of at most GEMV_MAX_ROWS rows whose width and blocksize the
     kernel's 32-element chunks tile."""
     return (
-        HAVE_GEMV and x.device.type == "cpu" and x.dtype in _DTYPE_CODES
+        HAVE_GEMV and x.is_cpu and x.dtype in _DTYPE_CODES
         and 0 < x.numel() <= GEMV_MAX_ROWS * in_features
         and in_features % GEMV_CHUNK == 0 and blocksize % GEMV_CHUNK == 0
     )
@@ -370,6 +370,12 @@ class GemvWeight:
     out_features: int
     blocksize: int
     keep: tuple
+
+    @property
+    def args(self) -> tuple:
+        """The weight's arguments of g4_gemm, in its order."""
+        return (self.packed, self.absmax, self.qabsmax, self.nested_absmax, self.nested_code, self.offset, self.code,
+                self.out_features, self.blocksize)
 
 
 def gemv_weight(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, out_features: int,
@@ -417,6 +423,9 @@ def lora_args(adapters: Sequence[tuple[torch.Tensor, torch.Tensor, float]], row_
     )
 
 
+_NO_LORA = (0, None, None, None, None, None)
+
+
 def gemm_4bit(
     x: torch.Tensor, weight: GemvWeight, bias: torch.Tensor | None = None, lora: LoraArgs | None = None,
     isa: int = 3,
@@ -425,24 +434,21 @@ def gemm_4bit(
     row's LoRA delta where `lora` (`lora_args`) is given. `isa` caps the kernel used (tests compare them). Only
     for inputs `gemv_supported` accepts."""
     k = x.shape[-1]
-    x2 = x.detach().reshape(-1, k)
+    x2 = x.reshape(-1, k)  # data_ptr only: no autograd here (callers run it under no_grad or on frozen inputs)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     m, dtype = x2.shape[0], x.dtype
     bias_c = None if bias is None else bias.detach().to(dtype).contiguous()
     y = torch.empty(m, weight.out_features, dtype=dtype)
-    if lora is not None and lora.count:
-        ad = (lora.count, lora.a_ptrs, lora.bt_ptrs, lora.ranks, lora.scales, lora.rows)
-    else:
-        ad = (0, None, None, None, None, None)
+    ad = _NO_LORA if lora is None or not lora.count else (
+        lora.count, lora.a_ptrs, lora.bt_ptrs, lora.ranks, lora.scales, lora.rows)
     rc = _GEMV.g4_gemm(
-        x2.data_ptr(), m, k, _DTYPE_CODES[dtype], weight.packed, weight.absmax, weight.qabsmax, weight.nested_absmax,
-        weight.nested_code, weight.offset, weight.code, weight.out_features, weight.blocksize,
-        None if bias_c is None else bias_c.data_ptr(), *ad, y.data_ptr(), isa, torch.get_num_threads(),
+        x2.data_ptr(), m, k, _DTYPE_CODES[dtype], *weight.args, None if bias_c is None else bias_c.data_ptr(), *ad,
+        y.data_ptr(), isa, torch.get_num_threads(),
     )
     if rc:
         raise RuntimeError(f"g4_gemm rejected its arguments (m={m}, k={k}, n={weight.out_features})")
-    return y.reshape(*x.shape[:-1], weight.out_features)
+    return y.view(x.shape[:-1] + (weight.out_features,))
 
 
 # ---- the same few rows against a dense 16-bit W (the LM head, layers left unquantized): csrc/gemv4.c ----

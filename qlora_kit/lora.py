@@ -219,6 +219,8 @@ class QLinear(nn.Module):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        # the ModuleDicts' own name -> module dicts, for the decode path (see _decode)
+        self._adapter_dicts = (self.lora_A._modules, self.lora_B._modules, self.lora_dropout._modules)
         self.scaling: dict[str, float] = {}
         self.active_adapter: str | None = None
         self.merged: _Merged | None = None
@@ -267,7 +269,7 @@ class QLinear(nn.Module):
             return None
         routed = _ROW_ROUTING.get().get(id(self))
         # the ModuleDicts' own dicts, not their __getitem__/__getattr__: this runs for every layer at every token
-        a_mods, b_mods, drop = self.lora_A._modules, self.lora_B._modules, self.lora_dropout._modules
+        a_mods, b_mods, drop = self._adapter_dicts
         factors = []
         for name in routed if routed is not None else (self.active_adapter,):
             if name not in a_mods:
@@ -355,20 +357,24 @@ class QLinear(nn.Module):
         """The 4-bit weight, built from the module's own quant-state parameters, so that what forward and backward
         see is whatever those parameters are now (under FSDP2: the block's all-gathered tensors). It is rebuilt
         only when one of them is another tensor or has moved (`.to()` swaps a parameter's data in place): at
-        decode, building it per call cost as much as a small layer's matmul."""
-        params = tuple(map(self._parameters.get, QUANT_STATE))
-        key = tuple(None if p is None else (id(p), p.data_ptr()) for p in params)
+        decode, building it per call cost as much as a small layer's matmul. The check is per tensor identity
+        plus the storage of the codes and scales: every path that moves one moves them all together."""
+        ps = self._parameters
+        codes, absmax, nested_absmax, nested_code, offset = params = (
+            ps["codes"], ps["absmax"], ps["nested_absmax"], ps["nested_code"], ps["offset"])
         cached = self._qweight_cache
-        if cached is not None and cached[0] == key and all(p is c for p, c in zip(params, cached[1])):
-            return cached[2]
-        codes, absmax, nested_absmax, nested_code, offset = params
+        if cached is not None:
+            old = cached[0]
+            if (old[0] is codes and old[1] is absmax and old[2] is nested_absmax and old[3] is nested_code
+                    and old[4] is offset and cached[1] == (codes.data_ptr(), absmax.data_ptr())):
+                return cached[2]
         nested = nested_absmax is not None
         qw = QuantizedWeight(
             codes.view(-1), absmax if nested else _from_bits(absmax), self.weight_shape,
             self.weight_dtype, self.blocksize, self.quant_type, _from_bits(nested_absmax),
             _from_bits(nested_code), _from_bits(offset).reshape(()) if nested else None,
         )
-        self._qweight_cache = (key, params, qw)
+        self._qweight_cache = (params, (codes.data_ptr(), absmax.data_ptr()), qw)
         return qw
 
     @qweight.setter

@@ -230,7 +230,7 @@ class QuantizedWeight:
         inference only. Each weight is the value `dequantize(x.dtype)` gives; only the order of the fp32
         additions differs from F.linear(x, W) (CPU: within one output ulp plus k·2⁻²⁴·Σ|x||w|, see gemv4.c)."""
         k = self.shape[-1]
-        if self.device.type == "cpu":
+        if self.packed.is_cpu:
             if not _native.gemv_supported(x, k, self.blocksize):
                 return None
             return _native.gemm_4bit(x, self.gemv_args(), bias, lora)
