@@ -135,11 +135,15 @@ def export_merged(
     jobs = _plan(targets, prefix, infos, (adapter_infos, adapter_keys), lora, adapter_dir, base_dir)
     dtype = BNB_DTYPE if stored_quant is not None else _base_dtype(config, infos, jobs)
     quant = stored_quant or quant or (record.quant if record is not None else QuantConfig())
-    if merge_into == "dequantized" and quant.calibration is not None:
+    if merge_into == "dequantized" and stored_quant is None and (quant.calibration is not None or quant.scale_search):
+        # both choose each weight's values from a pass of the whole model (calibration text, or scale search's
+        # random-token probe), which a tensor-by-tensor export cannot redo: it would merge into other weights
+        # than the adapter was trained on
+        how = (f"calibrated with {quant.calibration}", "--calibrate") if quant.calibration is not None else \
+            ("scale-searched", "--scale-search")
         raise ConfigError(
-            f"{adapter_dir}: trained on a base calibrated with {quant.calibration}, which export cannot redo tensor "
-            f"by tensor; write that base once with `qlora-kit quantize --calibrate` and pass it as --base, or use "
-            f"--merge-into original"
+            f"{adapter_dir}: trained on a base {how[0]}, which export cannot redo tensor by tensor; write that base "
+            f"once with `qlora-kit quantize {how[1]}` and pass it as --base, or use --merge-into original"
         )
     aux = {k for job in jobs.values() for k in job.aux}
     keys = [k for k in iter_by_file(infos) if k not in aux]

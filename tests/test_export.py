@@ -383,3 +383,20 @@ def test_streaming_shard_writer_refuses_what_was_not_planned(tmp_path):
         w.add("x", torch.zeros(3, 2, dtype=torch.bfloat16))
     with pytest.raises(CheckpointError, match="1 planned tensors were never written, e.g. y"):
         w.finish()
+
+
+@pytest.mark.parametrize("setting, flag", [({"scale_search": True}, "--scale-search"),
+                                           ({"calibration": "calib.txt"}, "--calibrate")])
+def test_a_base_chosen_from_a_whole_model_pass_is_not_redone_per_tensor(tmp_path, llama_dir, setting, flag):
+    """Scale search (its random-token probe) and calibration pick each weight's values from one pass of the whole
+    model; export, which quantizes tensor by tensor, would merge into other weights than training used. It
+    refuses, names the way that works, and writes nothing; merging into the original weights needs no redo."""
+    _trained(llama_dir, tmp_path / "adapter")
+    path = tmp_path / "adapter" / RECORD_NAME
+    record = json.loads(path.read_text())
+    record["quantization"].update(setting)
+    path.write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match=f"export cannot redo tensor by tensor.*qlora-kit quantize {flag}"):
+        _export(tmp_path / "adapter", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert _export(tmp_path / "adapter", tmp_path / "orig", merge_into="original").merged > 0
