@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "fpbits.h"
+#include "parallel.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -54,12 +55,5 @@ static inline int have_bf16dp(int isa) {
     return isa >= 3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
 }
 #endif
-
-/* OpenMP threads for an n x k weight: none beyond what has G4_MIN_PER_THREAD weights to do. */
-static inline int g4_workers(int64_t n, int64_t k, int nthreads) {
-    int64_t nw = n * k / G4_MIN_PER_THREAD;
-    nw = nw < nthreads ? nw : nthreads;
-    return nw < 1 ? 1 : (int)nw;
-}
 
 #endif

@@ -126,7 +126,7 @@ int g4_dense(const void *x, int64_t m, int64_t k, int dtype, const uint16_t *w, 
 #else
     const int bf16dp = 0;
 #endif
-    const int nw = g4_workers(n, k, nthreads);
+    const int nw = workers(n * k, n, nthreads, G4_MIN_PER_THREAD); /* parallel.h */
 #pragma omp parallel for schedule(static) num_threads(nw)
     for (int64_t j = 0; j < n; j++) {
         float acc[G4_MAX_ROWS];

@@ -514,7 +514,7 @@ int g4_gemm(const void *x, int64_t m, int64_t k, int dtype, const uint8_t *packe
 #else
     const int bf16dp = 0;
 #endif
-    const int nw = g4_workers(n, k, nthreads);
+    const int nw = workers(n * k, n, nthreads, G4_MIN_PER_THREAD); /* parallel.h */
     const int paired = bf16dp && k % blocksize == 0; /* output rows two at a time (row512bf2_mr) */
     const int64_t steps = paired ? (n + 1) / 2 : n;
 #pragma omp parallel for schedule(static) num_threads(nw)

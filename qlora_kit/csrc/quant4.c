@@ -23,6 +23,7 @@
 #include <string.h>
 
 #include "fpbits.h"
+#include "parallel.h"
 
 #ifdef __linux__
 #include <sys/mman.h>
@@ -253,28 +254,7 @@ static void want_huge_pages(void *p, int64_t bytes) {
 #endif
 }
 
-/* Threads worth waking: one per `min_per_thread` elements at most. Below that the wake-up and the join cost
- * more than they save -- on a busy machine a join can wait a whole scheduler time slice. */
-enum { Q4_MIN_PER_THREAD = 1 << 18 };
-
-static int workers(int64_t n, int64_t nblocks, int nthreads, int64_t min_per_thread) {
-    int64_t w = n / min_per_thread;
-    w = w < nblocks ? w : nblocks;
-    w = w < nthreads ? w : nthreads;
-    return w < 1 ? 1 : (int)w;
-}
-
-/* Contiguous block ranges, so each thread streams through its own slice of memory. */
-static void my_blocks(int64_t nblocks, int64_t *b0, int64_t *b1) {
-    int64_t w = 0, nw = 1;
-#ifdef _OPENMP
-    w = omp_get_thread_num();
-    nw = omp_get_num_threads();
-#endif
-    const int64_t per = nblocks / nw, extra = nblocks % nw;
-    *b0 = w * per + (w < extra ? w : extra);
-    *b1 = *b0 + per + (w < extra);
-}
+enum { Q4_MIN_PER_THREAD = 1 << 18 }; /* see workers() in parallel.h */
 
 static int valid(int dtype, int64_t n, int64_t bs) {
     return (dtype == Q4_F32 || dtype == Q4_BF16 || dtype == Q4_F16) && n >= 0 && bs > 0 && bs % 2 == 0;

@@ -28,6 +28,7 @@
 #include <string.h>
 
 #include "fpbits.h"
+#include "parallel.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -261,24 +262,6 @@ static void absmax_range(const void *src, int dtype, int64_t n, int64_t bs, int6
     }
 }
 
-static int workers(int64_t n, int64_t nblocks, int nthreads) {
-    int64_t w = n / QS_MIN_PER_THREAD;
-    w = w < nblocks ? w : nblocks;
-    w = w < nthreads ? w : nthreads;
-    return w < 1 ? 1 : (int)w;
-}
-
-static void my_blocks(int64_t nblocks, int64_t *b0, int64_t *b1) {
-    int64_t w = 0, nw = 1;
-#ifdef _OPENMP
-    w = omp_get_thread_num();
-    nw = omp_get_num_threads();
-#endif
-    const int64_t per = nblocks / nw, extra = nblocks % nw;
-    *b0 = w * per + (w < extra ? w : extra);
-    *b1 = *b0 + per + (w < extra);
-}
-
 static int valid(int dtype, int64_t n, int64_t bs) {
     return (dtype == QS_F32 || dtype == QS_BF16 || dtype == QS_F16) && n >= 0 && bs > 0 && bs % 2 == 0 &&
            bs <= QS_MAX_BLOCK;
@@ -289,7 +272,7 @@ static int valid(int dtype, int64_t n, int64_t bs) {
 int qs_absmax(const void *src, int dtype, int64_t n, int64_t blocksize, float *absmax_out, int nthreads) {
     if (!valid(dtype, n, blocksize)) return -1;
     const int64_t nblocks = (n + blocksize - 1) / blocksize;
-#pragma omp parallel num_threads(workers(n, nblocks, nthreads))
+#pragma omp parallel num_threads(workers(n, nblocks, nthreads, QS_MIN_PER_THREAD))
     {
         int64_t b0, b1;
         my_blocks(nblocks, &b0, &b1);
@@ -324,7 +307,7 @@ int qs_search(const void *src, int dtype, int64_t n, int64_t blocksize, const fl
     const qs_job job = {src,   dtype, n,     blocksize,  &t,        absmax,  weight, cols, levels,
                         group, grid,  ngrid, iters,      packed_out, scale_out, level_io};
     const int64_t nblocks = (n + blocksize - 1) / blocksize;
-#pragma omp parallel num_threads(workers(n, nblocks, nthreads))
+#pragma omp parallel num_threads(workers(n, nblocks, nthreads, QS_MIN_PER_THREAD))
     {
         int64_t b0, b1;
         my_blocks(nblocks, &b0, &b1);
