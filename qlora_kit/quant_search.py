@@ -140,15 +140,17 @@ LANES = 16  # C's accumulator lanes: element i of a block is summed into lane i 
 
 
 def _lane_sum(terms: torch.Tensor) -> torch.Tensor:
-    """Sum [blocks, bs] in the C kernel's order: sequential float adds per lane, then the lanes in double."""
+    """Sum [blocks, bs] in the C kernel's order: sequential float adds per lane, then the lanes in double as a
+    pairwise tree (lane i + lane i + 8, then i + i + 4, ...)."""
     chunks = terms.view(terms.shape[0], -1, LANES)
     acc = torch.zeros(terms.shape[0], LANES)
     for c in range(chunks.shape[1]):
         acc = acc + chunks[:, c]
-    total = torch.zeros(terms.shape[0], dtype=torch.float64)
-    for i in range(LANES):
-        total = total + acc[:, i].double()
-    return total
+    total = acc.double()
+    while total.shape[1] > 1:
+        half = total.shape[1] // 2
+        total = total[:, :half] + total[:, half:]
+    return total[:, 0]
 
 
 def _candidate(x, weight, assign, tail, scale, quant_type):

@@ -44,14 +44,44 @@
 
 enum { QS_F32 = 0, QS_BF16 = 1, QS_F16 = 2 };
 enum { QS_NBOUNDS = 15, QS_NCODES = 16, QS_NLEVELS = 256 };
-enum { QS_LANES = 16, QS_MAX_BLOCK = 4096 };
+enum { QS_LANES = 16, QS_MAX_BLOCK = 4096, QS_CHUNK = 16 }; /* QS_CHUNK: blocks searched side by side */
 enum { QS_MIN_PER_THREAD = 1 << 16 }; /* several bucket passes per element: worth a thread sooner than quant4.c */
+
+enum { QS_CELLS = 32 };   /* the bucket lookup's cells over [-1, 1] */
+#define QS_CELL_TOP 0.999f /* y is clamped to [-1, QS_CELL_TOP] before the lookup: exact while every bound is below */
+#define QS_CELL_SLACK 1e-5f /* far above the rounding of y * 16 + 16 (2^-23 in y), far below the bounds' spacing */
 
 typedef struct {
     float bound[QS_NCODES];   /* the 15 sorted midpoints, and a 16th slot the search never probes */
     float sorted[QS_NCODES];  /* the levels in ascending order */
     int32_t order[QS_NCODES]; /* code of each sorted level (FP4's permutation; NF4's is the identity) */
+    int cells;                /* the cell lookup below holds for these bounds (NF4's; FP4's are too close) */
+    int32_t cell_base[QS_CELLS]; /* bounds below cell c (with slack): the bucket of its lowest y */
+    float cell_bound[QS_CELLS];  /* the one bound within cell c (with slack), or 2 (above every clamped y) */
 } qs_table;
+
+/* The cell lookup: the bucket of y is cell_base[c] + (cell_bound[c] < y) for y's cell c = trunc(y * 16 + 16),
+ * when no cell (widened by the slack on both sides, which covers the rounding of the cell index) holds more than
+ * one bound. Two table permutes and one compare where a binary search over the bounds chains four of each -- the
+ * chain that bounded the search's speed. Returns whether the lookup holds (it falls back to the search if not). */
+static int build_cells(qs_table *t) {
+    if (!(t->bound[QS_NBOUNDS - 1] < QS_CELL_TOP - QS_CELL_SLACK)) return 0;
+    for (int c = 0; c < QS_CELLS; c++) {
+        const float lo = -1.0f + (float)c / 16 - QS_CELL_SLACK, hi = -1.0f + (float)(c + 1) / 16 + QS_CELL_SLACK;
+        int below = 0, inside = 0;
+        t->cell_bound[c] = 2.0f;
+        for (int j = 0; j < QS_NBOUNDS; j++) {
+            below += t->bound[j] < lo;
+            if (t->bound[j] >= lo && t->bound[j] <= hi) {
+                inside++;
+                t->cell_bound[c] = t->bound[j];
+            }
+        }
+        if (inside > 1) return 0;
+        t->cell_base[c] = below;
+    }
+    return 1;
+}
 
 /* bitsandbytes' stored absmax of one block: the raw max |x| of a full block, the 1e-38-clamped one of the tail. */
 static inline float block_absmax(const float *x, int64_t len, int tail) {
@@ -70,13 +100,26 @@ typedef struct {
     double err, xc, cc;
 } qs_sums;
 
-/* One element, scalar: its code (remapped for FP4) into *q, its level's three sum terms into the lanes. */
-QS_INLINE void element(float v, float y, float w, float scale, const qs_table *t, int32_t *q, float *e, float *a,
-                       float *b) {
+/* The 16 float lanes of a sum, added in double as a fixed pairwise tree (lane i with lane i + 8, then i with i + 4,
+ * and so on): the same association as the torch path's, and four dependent adds where a running sum takes
+ * sixteen -- with blocks of 64, this reduction was a third of each candidate's cost. */
+QS_INLINE double lane_total(const float *lane) {
+    double t[QS_LANES / 2];
+    for (int i = 0; i < QS_LANES / 2; i++) t[i] = (double)lane[i] + (double)lane[i + QS_LANES / 2];
+    for (int w = QS_LANES / 4; w; w /= 2)
+        for (int i = 0; i < w; i++) t[i] = t[i] + t[i + w];
+    return t[0];
+}
+
+/* One element i, scalar: its code (remapped for FP4) into its nibble of the packed codes q (high for even i), its
+ * level's three sum terms into the lanes. */
+QS_INLINE void element(float v, float y, float w, float scale, const qs_table *t, int64_t i, uint8_t *q, float *e,
+                       float *a, float *b) {
     int32_t k = 0;
     for (int j = 0; j < QS_NBOUNDS; j++) k += !(t->bound[j] >= y);
     const float c = t->sorted[k], d = v - c * scale;
-    *q = t->order[k];
+    if (i % 2) q[i / 2] |= (uint8_t)t->order[k];
+    else q[i / 2] = (uint8_t)(t->order[k] << 4);
     *e += d * d * w;
     *a += v * c * w;
     *b += c * c * w;
@@ -87,6 +130,27 @@ QS_INLINE void element(float v, float y, float w, float scale, const qs_table *t
 #pragma GCC diagnostic ignored "-Wpsabi" /* vector arguments only between always-inlined functions */
 typedef float v16f __attribute__((vector_size(64)));
 typedef int32_t v16i __attribute__((vector_size(64)));
+typedef uint64_t v8u64 __attribute__((vector_size(64)));
+typedef uint8_t v8u8 __attribute__((vector_size(8)));
+typedef double v8d __attribute__((vector_size(64)));
+typedef double v4d __attribute__((vector_size(32)));
+typedef double v2d __attribute__((vector_size(16)));
+
+/* Eight code bytes from sixteen codes: each 64-bit lane holds a pair (the first in its low half), so the byte is
+ * (lane << 4 | lane >> 32) narrowed -- shifts and one vpmovqb, no cross-lane permutes. */
+QS_INLINE v8u8 pack16(v16i code) {
+    const v8u64 pair = (v8u64)code;
+    return __builtin_convertvector(pair << 4 | pair >> 32, v8u8);
+}
+
+/* lane_total on a vector, in the same order (lane i + lane i + 8, then i + i + 4, ...). */
+QS_INLINE double lane_total16(v16f lane) {
+    const v8d t8 = __builtin_convertvector(__builtin_shufflevector(lane, lane, 0, 1, 2, 3, 4, 5, 6, 7), v8d) +
+                   __builtin_convertvector(__builtin_shufflevector(lane, lane, 8, 9, 10, 11, 12, 13, 14, 15), v8d);
+    const v4d t4 = __builtin_shufflevector(t8, t8, 0, 1, 2, 3) + __builtin_shufflevector(t8, t8, 4, 5, 6, 7);
+    const v2d t2 = __builtin_shufflevector(t4, t4, 0, 1) + __builtin_shufflevector(t4, t4, 2, 3);
+    return t2[0] + t2[1];
+}
 
 /* The bucket count of 16 values at once by binary search over the sorted bounds: four probes, each a 16-entry
  * permute, where a linear count takes fifteen compares. `!(b >= y)` is monotone in the bound index, NaN
@@ -99,61 +163,86 @@ QS_INLINE v16i bucket16(v16f y, v16f bounds) {
     }
     return k;
 }
+
+/* The bucket count of 16 values by the cell lookup (build_cells); the same count as bucket16 for any y, NaN
+ * included: the upper clamp sends a NaN to QS_CELL_TOP, above every bound, as `!(b >= NaN)` counts all. */
+QS_INLINE v16i bucket16_cells(v16f y, const v16i base[2], const v16f bound[2]) {
+    const v16f top = {QS_CELL_TOP, QS_CELL_TOP, QS_CELL_TOP, QS_CELL_TOP, QS_CELL_TOP, QS_CELL_TOP, QS_CELL_TOP,
+                      QS_CELL_TOP, QS_CELL_TOP, QS_CELL_TOP, QS_CELL_TOP, QS_CELL_TOP, QS_CELL_TOP, QS_CELL_TOP,
+                      QS_CELL_TOP, QS_CELL_TOP};
+    const v16f bottom = top * 0.0f - 1.0f;
+    v16i below = (v16i)(y < top);
+    y = (v16f)(((v16i)y & below) | ((v16i)top & ~below));
+    below = (v16i)(y > bottom);
+    y = (v16f)(((v16i)y & below) | ((v16i)bottom & ~below));
+    const v16i cell = __builtin_convertvector(y * 16.0f + 16.0f, v16i);
+    return __builtin_shuffle(base[0], base[1], cell) - (__builtin_shuffle(bound[0], bound[1], cell) < y);
+}
 #endif
 
-/* Codes for x at `assign` (multiplied by its reciprocal for a full block, divided for the tail, as bitsandbytes
- * does), reconstruction at `scale`. Each sum runs in QS_LANES float lanes (element i into lane i % QS_LANES, in
- * order), which vectorizes without reassociating, and the lanes are added in double at the end. */
-QS_INLINE qs_sums candidate(const float *x, const float *w, int64_t len, float assign, int tail, float scale,
-                            const qs_table *t, int32_t *q) {
-    float e[QS_LANES] = {0}, a[QS_LANES] = {0}, b[QS_LANES] = {0};
-    const float div = assign < 1e-38f ? 1e-38f : assign, recip = 1.0f / div;
-    int64_t c = 0;
 #ifdef QS_VECTOR
-    if (!tail) {
-        v16f ev = {0}, av = {0}, bv = {0}, bounds, sorted;
-        v16i order;
-        memcpy(&bounds, t->bound, sizeof bounds);
-        memcpy(&sorted, t->sorted, sizeof sorted);
-        memcpy(&order, t->order, sizeof order);
-        for (; c + QS_LANES <= len; c += QS_LANES) {
-            v16f v, wv;
-            memcpy(&v, x + c, sizeof v);
-            memcpy(&wv, w + c, sizeof wv);
-            const v16i k = bucket16(v * recip, bounds);
-            const v16f lv = __builtin_shuffle(sorted, k), d = v - lv * scale;
-            const v16i code = __builtin_shuffle(order, k);
-            memcpy(q + c, &code, sizeof code);
-            ev += d * d * wv;
+/* A full block's candidate, 16 lanes per step (len a multiple of 16): `cells` picks the bucket lookup, `dots`
+ * whether the two Lloyd sums are wanted (the last candidate tried needs only its error). Both are constants at
+ * each call, so each combination compiles to its own loop. */
+QS_INLINE qs_sums vector_candidate(const float *x, const float *w, int64_t len, float recip, float scale,
+                                   const qs_table *t, uint8_t *q, const int cells, const int dots) {
+    v16f ev = {0}, av = {0}, bv = {0}, bounds, sorted, cell_bound[2];
+    v16i order, cell_base[2];
+    memcpy(&bounds, t->bound, sizeof bounds);
+    memcpy(&sorted, t->sorted, sizeof sorted);
+    memcpy(&order, t->order, sizeof order);
+    memcpy(cell_base, t->cell_base, sizeof cell_base);
+    memcpy(cell_bound, t->cell_bound, sizeof cell_bound);
+    for (int64_t c = 0; c < len; c += QS_LANES) {
+        v16f v, wv;
+        memcpy(&v, x + c, sizeof v);
+        memcpy(&wv, w + c, sizeof wv);
+        const v16i k = cells ? bucket16_cells(v * recip, cell_base, cell_bound) : bucket16(v * recip, bounds);
+        const v16f lv = __builtin_shuffle(sorted, k), d = v - lv * scale;
+        const v8u8 code = pack16(__builtin_shuffle(order, k));
+        memcpy(q + c / 2, &code, sizeof code);
+        ev += d * d * wv;
+        if (dots) {
             av += v * lv * wv;
             bv += lv * lv * wv;
         }
-        memcpy(e, &ev, sizeof e);
-        memcpy(a, &av, sizeof a);
-        memcpy(b, &bv, sizeof b);
+    }
+    return (qs_sums){lane_total16(ev), dots ? lane_total16(av) : 0, dots ? lane_total16(bv) : 0};
+}
+#endif
+
+/* Codes for x at `assign` (multiplied by its reciprocal for a full block, divided for the tail, as bitsandbytes
+ * does), packed two per byte into q, reconstruction at `scale`. Each sum runs in QS_LANES float lanes (element i
+ * into lane i % QS_LANES, in order), which vectorizes without reassociating, and the lanes are added in double at
+ * the end. Without `dots` the Lloyd sums may be left 0. */
+QS_INLINE qs_sums candidate(const float *x, const float *w, int64_t len, float assign, int tail, float scale,
+                            const qs_table *t, uint8_t *q, int dots) {
+    float e[QS_LANES] = {0}, a[QS_LANES] = {0}, b[QS_LANES] = {0};
+    const float div = assign < 1e-38f ? 1e-38f : assign, recip = 1.0f / div;
+#ifdef QS_VECTOR
+    if (!tail && len % QS_LANES == 0) {
+        if (t->cells)
+            return dots ? vector_candidate(x, w, len, recip, scale, t, q, 1, 1)
+                        : vector_candidate(x, w, len, recip, scale, t, q, 1, 0);
+        return dots ? vector_candidate(x, w, len, recip, scale, t, q, 0, 1)
+                    : vector_candidate(x, w, len, recip, scale, t, q, 0, 0);
     }
 #endif
-    for (; c < len; c += QS_LANES) /* the tail block, a blocksize below QS_LANES, or no vector extensions */
+    for (int64_t c = 0; c < len; c += QS_LANES) /* the tail block, a blocksize below 16, or no vector extensions */
         for (int i = 0; i < QS_LANES && c + i < len; i++)
-            element(x[c + i], tail ? x[c + i] / div : x[c + i] * recip, w[c + i], scale, t, q + c + i, e + i, a + i,
+            element(x[c + i], tail ? x[c + i] / div : x[c + i] * recip, w[c + i], scale, t, c + i, q, e + i, a + i,
                     b + i);
-    qs_sums s = {0, 0, 0};
-    for (int i = 0; i < QS_LANES; i++) {
-        s.err += e[i];
-        s.xc += a[i];
-        s.cc += b[i];
-    }
-    return s;
+    return (qs_sums){lane_total(e), lane_total(a), lane_total(b)};
 }
 
-/* Index of the level nearest `s` among a group's 256 ascending levels (the lower one on a tie). */
-static inline int nearest_level(const float *lv, float s) {
-    int lo = 0, hi = QS_NLEVELS - 1;
-    while (hi - lo > 1) {
-        const int mid = (lo + hi) / 2;
-        if (lv[mid] <= s) lo = mid;
-        else hi = mid;
-    }
+/* Index of the level nearest `s` among a group's 256 ascending levels (the lower one on a tie): lo is the last
+ * level <= s (0 if none, a NaN included), kept within [0, 254] so that hi = lo + 1 exists. The bisection is
+ * branchless (its branches were unpredictable), and a chunk's blocks overlap their chains of loads. */
+QS_INLINE int nearest_level(const float *lv, float s) {
+    int lo = 0;
+    for (int half = QS_NLEVELS / 2; half; half /= 2) lo = lv[lo + half] <= s ? lo + half : lo;
+    lo = lo < QS_NLEVELS - 2 ? lo : QS_NLEVELS - 2;
+    const int hi = lo + 1;
     return s - lv[lo] <= lv[hi] - s ? lo : hi;
 }
 
@@ -183,19 +272,15 @@ typedef struct {
     int assigned_at_scale; /* codes were assigned at `scale` (not so for bitsandbytes', assigned at the raw max) */
 } qs_best;
 
-/* Try stored scale `s` (snapped to its group's level with double quant); keep it if strictly better, and say so. */
-QS_INLINE int try_scale(const qs_job *job, const float *x, const float *w, int64_t len, int tail, const float *lv,
-                         float s, qs_best *best, int32_t **q, int32_t **best_q) {
-    int k = 0;
-    if (lv) {
-        k = nearest_level(lv, s);
-        s = lv[k];
-    }
+/* Try stored scale `s` (already snapped to level k of its group with double quant); keep it if strictly better,
+ * and say so. `dots`: whether a later Lloyd step will want the sums of <x, c> and <c, c> should this one win. */
+QS_INLINE int try_scale(const qs_job *job, const float *x, const float *w, int64_t len, int tail, float s, int k,
+                         int dots, qs_best *best, uint8_t **q, uint8_t **best_q) {
     if (!(s > 0) || (best->assigned_at_scale && s == best->scale)) return 0; /* the same candidate again */
-    const qs_sums sums = candidate(x, w, len, s, tail, s, job->t, *q);
+    const qs_sums sums = candidate(x, w, len, s, tail, s, job->t, *q, dots);
     if (!(sums.err < best->sums.err)) return 0;
     *best = (qs_best){sums, s, k, 1};
-    int32_t *const won = *q; /* the winner's codes become the best; the old best's buffer takes the next try */
+    uint8_t *const won = *q; /* the winner's codes become the best; the old best's buffer takes the next try */
     *q = *best_q;
     *best_q = won;
     return 1;
@@ -221,35 +306,93 @@ QS_INLINE const float *block_weights(const qs_job *job, int64_t off, int64_t len
     return buf;
 }
 
-QS_INLINE void search_block(const qs_job *job, int64_t b, float *x, float *wbuf, const float *ones, int32_t *q,
-                            int32_t *best_q) {
-    const int64_t off = b * job->bs, len = job->n - off < job->bs ? job->n - off : job->bs;
-    const int tail = len < job->bs;
-    load_block(job->src, job->dtype, off, len, x);
-    const float *w = block_weights(job, off, len, wbuf, ones);
-    const float am = job->absmax[b];
-    const float *lv = job->levels ? job->levels + (b / job->group) * QS_NLEVELS : NULL;
-    qs_best best = {{0, 0, 0}, lv ? lv[job->level[b]] : am, lv ? job->level[b] : 0, 0};
-    /* candidate 0: bitsandbytes' result -- codes assigned at the raw absmax, decoded at the stored scale */
-    best.sums = candidate(x, w, len, am, tail, best.scale, job->t, best_q);
-    for (int j = 0; j < job->ngrid; j++) try_scale(job, x, w, len, tail, lv, am * job->grid[j], &best, &q, &best_q);
-    for (int it = 0; it < job->iters && best.sums.cc > 0; it++) {
-        const float next = (float)(best.sums.xc / best.sums.cc);
-        if (!try_scale(job, x, w, len, tail, lv, next < am ? next : am, &best, &q, &best_q))
-            break; /* no gain: the next step would start from the same codes and find the same scale */
+/* One block's search in progress: its data, its best candidate, and the buffer its next try writes codes into. */
+typedef struct {
+    const float *x, *w, *lv;
+    int64_t off, len;
+    int tail, live, next_k;
+    float am, next; /* the next candidate scale, snapped, and its level */
+    qs_best best;
+    uint8_t *q, *best_q;
+} qs_block;
+
+/* Block b's data and its candidate 0: bitsandbytes' result -- codes assigned at the raw absmax, decoded at the
+ * stored scale (the level bitsandbytes chose, with double quant). */
+QS_INLINE void start_block(const qs_job *job, int64_t b, float *x, float *wbuf, const float *ones, uint8_t *q,
+                           uint8_t *best_q, qs_block *st) {
+    st->off = b * job->bs;
+    st->len = job->n - st->off < job->bs ? job->n - st->off : job->bs;
+    st->tail = st->len < job->bs;
+    load_block(job->src, job->dtype, st->off, st->len, x);
+    st->x = x;
+    st->w = block_weights(job, st->off, st->len, wbuf, ones);
+    st->am = job->absmax[b];
+    st->lv = job->levels ? job->levels + (b / job->group) * QS_NLEVELS : NULL;
+    st->best = (qs_best){{0, 0, 0}, st->lv ? st->lv[job->level[b]] : st->am, st->lv ? job->level[b] : 0, 0};
+    st->best.sums = candidate(x, st->w, st->len, st->am, st->tail, st->best.scale, job->t, best_q, job->iters > 0);
+    st->q = q;
+    st->best_q = best_q;
+    st->live = 1;
+}
+
+/* The block's next candidate scale: s, snapped to its group's nearest level with double quant. */
+QS_INLINE void next_scale(qs_block *st, float s) {
+    st->next_k = st->lv ? nearest_level(st->lv, s) : 0;
+    st->next = st->lv ? st->lv[st->next_k] : s;
+}
+
+QS_INLINE int try_block(const qs_job *job, qs_block *st, int dots) {
+    return try_scale(job, st->x, st->w, st->len, st->tail, st->next, st->next_k, dots, &st->best, &st->q,
+                     &st->best_q);
+}
+
+QS_INLINE void finish_block(const qs_job *job, int64_t b, qs_block *st) {
+    if (st->len % 2) st->best_q[st->len / 2] |= (uint8_t)job->t->order[7]; /* an odd tail pads with 0.0's code */
+    memcpy(job->packed + st->off / 2, st->best_q, (size_t)(st->len + 1) / 2);
+    job->scale[b] = st->best.scale;
+    if (st->lv) job->level[b] = (uint8_t)st->best.level;
+}
+
+/* Blocks b0..b0+count-1, each step across all of them before the next, and each step's scales (a division and
+ * a level snap: a chain of dependent loads) for all of them before any candidate: one block at a time, that
+ * chain's latency was paid in full per block, a third of the search with double quant at blocksize 64. The
+ * choices are the block-at-a-time ones: a block leaves the Lloyd steps at its first step without gain. */
+QS_INLINE void search_chunk(const qs_job *job, int64_t b0, int count, float *x, float *wbuf, const float *ones,
+                            uint8_t *q, uint8_t *best_q) {
+    qs_block st[QS_CHUNK];
+    const int64_t bs = job->bs, half = bs / 2;
+    for (int g = 0; g < count; g++)
+        start_block(job, b0 + g, x + g * bs, wbuf + g * bs, ones, q + g * half, best_q + g * half, st + g);
+    for (int j = 0; j < job->ngrid; j++) {
+        for (int g = 0; g < count; g++) next_scale(st + g, st[g].am * job->grid[j]);
+        for (int g = 0; g < count; g++) try_block(job, st + g, job->iters > 0);
     }
-    for (int64_t i = 0; i + 1 < len; i += 2) job->packed[(off + i) / 2] = (uint8_t)(best_q[i] << 4 | best_q[i + 1]);
-    if (len % 2) job->packed[(off + len - 1) / 2] = (uint8_t)(best_q[len - 1] << 4 | job->t->order[7]);
-    job->scale[b] = best.scale;
-    if (lv) job->level[b] = (uint8_t)best.level;
+    for (int it = 0, live = count; it < job->iters && live; it++) {
+        for (int g = 0; g < count; g++) {
+            qs_block *const b = st + g;
+            b->live = b->live && b->best.sums.cc > 0;
+            const float next = b->live ? (float)(b->best.sums.xc / b->best.sums.cc) : 0;
+            if (b->live) next_scale(b, next < b->am ? next : b->am);
+        }
+        live = 0;
+        for (int g = 0; g < count; g++) {
+            /* no gain: the next step would start from the same codes and find the same scale */
+            if (st[g].live) st[g].live = try_block(job, st + g, it + 1 < job->iters);
+            live += st[g].live;
+        }
+    }
+    for (int g = 0; g < count; g++) finish_block(job, b0 + g, st + g);
 }
 
 QS_CLONES
 static void search_range(const qs_job *job, int64_t b0, int64_t b1) {
     float x[QS_MAX_BLOCK], wbuf[QS_MAX_BLOCK], ones[QS_MAX_BLOCK];
-    int32_t q[QS_MAX_BLOCK], best_q[QS_MAX_BLOCK];
+    uint8_t q[QS_MAX_BLOCK / 2], best_q[QS_MAX_BLOCK / 2];
+    const int64_t per = QS_MAX_BLOCK / job->bs;
+    const int chunk = per < QS_CHUNK ? (int)per : QS_CHUNK;
     for (int64_t i = 0; i < job->bs; i++) ones[i] = 1.0f;
-    for (int64_t b = b0; b < b1; b++) search_block(job, b, x, wbuf, ones, q, best_q);
+    for (int64_t b = b0; b < b1; b += chunk)
+        search_chunk(job, b, b1 - b < chunk ? (int)(b1 - b) : chunk, x, wbuf, ones, q, best_q);
 }
 
 QS_CLONES
@@ -304,6 +447,7 @@ int qs_search(const void *src, int dtype, int64_t n, int64_t blocksize, const fl
         t.order[j] = order[j];
         t.sorted[j] = code[order[j]];
     }
+    t.cells = build_cells(&t);
     const qs_job job = {src,   dtype, n,     blocksize,  &t,        absmax,  weight, cols, levels,
                         group, grid,  ngrid, iters,      packed_out, scale_out, level_io};
     const int64_t nblocks = (n + blocksize - 1) / blocksize;
