@@ -91,6 +91,24 @@ def test_bitsandbytes_result_is_the_first_candidate(dtype, quant_type):
     assert torch.equal(got, _native.quantize_4bit(w, 64, quant_type)[0]) and torch.equal(scale, absmax)
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_codes_at_the_edges_of_every_bucket(quant_type):
+    """Values on, just above and just below every bound between two levels and every cell edge of the kernel's
+    bucket lookup (NF4: cells of 1/16 over [-1, 1]; FP4 bisects), with the block's absmax 1 so that they reach the
+    lookup unscaled: the codes are bitsandbytes' bit for bit."""
+    bounds, _, _ = _native._tables(quant_type)
+    edges = torch.cat([bounds.float(), torch.linspace(-1, 1, 33), torch.tensor([0.0, -0.0, 1e-30, -1e-30])])
+    values = torch.cat([edges, torch.nextafter(edges, torch.tensor(2.0)), torch.nextafter(edges, torch.tensor(-2.0))])
+    values = values.clamp(-1, 1)
+    rows = -(-values.numel() // 63)
+    body = torch.cat([values, torch.full((rows * 63 - values.numel(),), 0.5)]).view(rows, 63)
+    w = torch.cat([torch.ones(rows, 1), body], 1).reshape(-1, 128 if rows % 2 == 0 else 64)
+    absmax = quant_search.block_absmax(w, 64)
+    got, _, _ = quant_search.search(w, 64, quant_type, absmax, grid=torch.empty(0), steps=0)
+    assert torch.equal(got, _native.quantize_4bit(w, 64, quant_type)[0])
+    assert torch.equal(got, bnbf.quantize_4bit(w, blocksize=64, quant_type=quant_type)[0].reshape(-1))
+
+
 @pytest.mark.skipif(not quant_search.HAVE_NATIVE, reason="native scale-search kernel not built")
 @pytest.mark.parametrize("dtype, quant_type, double_quant", [
     (torch.bfloat16, "nf4", True), (torch.bfloat16, "fp4", False), (torch.float32, "nf4", False),
