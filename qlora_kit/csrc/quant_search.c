@@ -20,9 +20,9 @@
  *
  * Errors and dot products are summed in a fixed order (16 float lanes, then a pairwise tree in double across the
  * lanes) that the torch fallback (qlora_kit/quant_search.py) repeats operation for operation, so the two choose the
- * same bits. The same IEEE rules as quant4.c apply: no -ffast-math, no FMA contraction. The element helpers below repeat quant4.c's
- * (that file belongs to the plain kernels); tests pin them by checking that the first candidate is bitsandbytes'
- * result bit for bit.
+ * same bits. The same IEEE rules as quant4.c apply: no -ffast-math, no FMA contraction. The element helpers below
+ * repeat quant4.c's (that file belongs to the plain kernels); tests pin them by checking that the first candidate
+ * is bitsandbytes' result bit for bit.
  */
 #include <stdint.h>
 #include <string.h>
