@@ -33,10 +33,11 @@ from qlora_kit.quant import NESTED_BLOCKSIZE
 GRID = torch.empty(0)
 """Candidate scales as fractions of each block's raw absmax, tried after bitsandbytes' own: none by default. Measured
 on SmolLM2-135M with the probe's weights (tools/bench_fidelity.py's held-out perplexity, bitsandbytes 49.45, bf16
-34.55; share of that gap closed, time against the plain kernel on a 4096x4096 weight): one Lloyd step alone 51% at
-~2.7x; the single fraction 0.8, 50%; 0.9 and 0.8 plus a Lloyd step, 61% at ~4.5x; 8 fractions 1.0..0.6 plus two
-steps, 70% at ~10x. Each candidate is a pass over the block, as costly as the whole plain kernel, so the default
-is the one candidate that keeps quantize time within 3x of it."""
+34.55; share of that gap closed) and in time against the plain kernel on a 4096x4096 weight (one thread,
+2026-12-02): one Lloyd step alone 51% at ~2.4x; the single fraction 0.8, 50% at ~2.2x; 0.85 plus a step, 58% at
+~3.7x; 0.9 and 0.8 plus a step, 61% at ~5x; 8 fractions 1.0..0.6 plus two steps, 70% at ~12x. Each candidate is
+a pass over the block, about as costly as the whole plain kernel, so the default is the one candidate that keeps
+quantize time within 3x of it."""
 SEARCH_STEPS = 1
 """Lloyd steps from the best candidate so far (codes fixed, the best scale is <x, c>_w / <c, c>_w in closed form;
 each step one more pass over the block, taken only while it helps)."""
