@@ -152,6 +152,32 @@ def test_fused_lora_decode_equals_the_unfused_path(dtype):
     assert torch.equal(fused[[2, 4]], unfused[[2, 4]])  # rows without an adapter: the same kernel call
 
 
+def test_fused_lora_decode_is_the_same_on_any_thread_count():
+    """Big enough for the kernel to split the outputs over threads, adapters' part included (A x by (row, rank),
+    B (A x) by each thread's outputs): every value is computed the same way whatever the split, so the bits
+    equal one thread's -- and the unfused path's within rounding."""
+    torch.manual_seed(0)
+    qw, _, b = _case(1030, 512, 1, torch.bfloat16, QuantConfig(), True)  # 1030: a pass's rows left over
+    layer = QLinear(qw, b)
+    for name in ("a", "b"):
+        layer.add_adapter(name, LoraConfig(r=8, alpha=16))
+        torch.nn.init.normal_(layer.lora_B[name].weight, std=0.5)
+    x = torch.randn(3, 1, 512).to(torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        with torch.no_grad(), route_rows([layer], {"a": torch.tensor([0]), "b": torch.tensor([2])}):
+            torch.set_num_threads(1)
+            one = layer(x)
+            torch.set_num_threads(2)
+            two = layer(x)
+            layer._decode = lambda x: None
+            unfused = layer(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    assert torch.allclose(two.float(), unfused.float(), rtol=2**-7, atol=2**-7)
+
+
 def test_qlinear_decode_with_adapters_matches_the_prefill_path():
     torch.manual_seed(0)
     qw, x, _ = _case(96, 128, 3, torch.bfloat16, QuantConfig(), False)

@@ -539,16 +539,17 @@ int g4_gemm(const void *x, int64_t m, int64_t k, int dtype, const uint8_t *packe
         if (lora_rank[a] < 1 || lora_rank[a] > G4_MAX_RANK) return -1;
     for (int64_t r = 0; n_adapters && r < m; r++)
         if (row_adapter[r] >= n_adapters) return -1;
-    /* fp32 x split per chunk, fp32 x as it is, A x, the sums, the deltas; then bf16 x split per group */
+    /* fp32 x split per chunk, fp32 x as it is, A x, the sums, the deltas; then bf16 x split per group and the
+     * (row, rank) pairs of A x */
     float *xs = malloc((size_t)(2 * m * k + m * G4_MAX_RANK + (n_adapters ? 2 : 1) * m * n) * sizeof *xs +
-                       (size_t)(m * k) * sizeof(uint16_t));
+                       (size_t)(m * k) * sizeof(uint16_t) + (size_t)(m * G4_MAX_RANK) * sizeof(int32_t));
     if (!xs) return -1;
     float *xf = xs + m * k, *u = xf + m * k; /* x in fp32 as it is; per row: A x, the adapter's rank values */
     float *sums = u + m * G4_MAX_RANK;       /* per row: the fp32 sums x W^T, finished by finish_row */
     float *delta = n_adapters ? sums + m * n : NULL; /* per row: B (A x), before the scale */
     uint16_t *xg = (uint16_t *)(sums + (n_adapters ? 2 : 1) * m * n); /* rows_bf16dp's x */
-    const dot_fn dot = pick_dot(isa);
-    const axpy_fn axpy = pick_axpy(isa);
+    int32_t *pairs = (int32_t *)(xg + m * k); /* r * G4_MAX_RANK + i for each rank value A x needs */
+    int64_t npairs = 0;
     for (int64_t r = 0; r < m; r++) { /* fp32, each chunk's even elements first, then its odd ones */
         for (int64_t c = 0; c < k; c++) xf[r * k + c] = load_f32(x, dtype, r * k + c);
         for (int64_t c = 0; c < k; c += G4_CHUNK)
@@ -557,16 +558,13 @@ int g4_gemm(const void *x, int64_t m, int64_t k, int dtype, const uint8_t *packe
                 xs[r * k + c + 16 + i] = xf[r * k + c + 2 * i + 1];
             }
         const int32_t ad = n_adapters ? row_adapter[r] : -1;
-        if (ad < 0) continue;
-        float *d = delta + r * n;
-        memset(d, 0, (size_t)n * sizeof *d);
-        for (int64_t i = 0; i < lora_rank[ad]; i++) {
-            u[r * G4_MAX_RANK + i] = dot(xf + r * k, lora_a[ad] + i * k, k);
-            axpy(d, u[r * G4_MAX_RANK + i], lora_bt[ad] + i * n, n);
-        }
+        for (int64_t i = 0; ad >= 0 && i < lora_rank[ad]; i++) pairs[npairs++] = (int32_t)(r * G4_MAX_RANK + i);
     }
     const g4_weight w = {packed, absmax, qabsmax, nested_absmax, nested_code, offset, code, n, k, blocksize, dtype};
     const row_fn row = pick(isa);
+    const dot_fn dot = pick_dot(isa);
+    const axpy_fn axpy = pick_axpy(isa);
+    const finish_fn finish = pick_finish(isa);
 #ifdef G4_X86
     const int bf16dp = dtype == G4_BF16 && have_bf16dp(isa);
 #else
@@ -581,24 +579,44 @@ int g4_gemm(const void *x, int64_t m, int64_t k, int dtype, const uint8_t *packe
             }
     const int nw = workers(n * k, n, nthreads, G4_MIN_PER_THREAD); /* parallel.h */
     const int64_t per_step = grouped ? G4_PASS_ROWS : 1, steps = (n + per_step - 1) / per_step;
-#pragma omp parallel for schedule(static) num_threads(nw)
-    for (int64_t s = 0; s < steps; s++) {
-        float acc[G4_PASS_ROWS][G4_MAX_ROWS] = {{0}};
-        const int64_t j = s * per_step, count = n - j < per_step ? n - j : per_step;
+    const size_t esize = dtype == G4_F32 ? 4 : 2;
+    /* Everything per output split over the threads, the adapters' part included: done before the split, one
+     * thread's B (A x) and A x were a tenth of a token's time at two threads. */
+#pragma omp parallel num_threads(nw)
+    {
+#pragma omp for schedule(static)
+        for (int64_t q = 0; q < npairs; q++) {
+            const int64_t r = pairs[q] / G4_MAX_RANK, i = pairs[q] % G4_MAX_RANK;
+            u[pairs[q]] = dot(xf + r * k, lora_a[row_adapter[r]] + i * k, k);
+        } /* (its barrier: every thread needs all of A x) */
+        int64_t s0, s1; /* this thread's output rows, j0 .. j1 */
+        my_blocks(steps, &s0, &s1);
+        const int64_t j0 = s0 * per_step, j1 = s1 * per_step < n ? s1 * per_step : n;
+        for (int64_t r = 0; r < m && j0 < j1; r++) { /* B (A x) over them, rank by rank */
+            const int32_t ad = n_adapters ? row_adapter[r] : -1;
+            if (ad < 0) continue;
+            float *d = delta + r * n + j0;
+            memset(d, 0, (size_t)(j1 - j0) * sizeof *d);
+            for (int64_t i = 0; i < lora_rank[ad]; i++) axpy(d, u[r * G4_MAX_RANK + i], lora_bt[ad] + i * n + j0, j1 - j0);
+        }
+        for (int64_t s = s0; s < s1; s++) {
+            float acc[G4_PASS_ROWS][G4_MAX_ROWS] = {{0}};
+            const int64_t j = s * per_step, count = n - j < per_step ? n - j : per_step;
 #ifdef G4_X86
-        if (grouped) rows_bf16dp(&w, j, count, xg, m, acc);
-        else if (bf16dp) row_bf16dp(&w, j, (const uint16_t *)x, m, acc[0]);
-        else
+            if (grouped) rows_bf16dp(&w, j, count, xg, m, acc);
+            else if (bf16dp) row_bf16dp(&w, j, (const uint16_t *)x, m, acc[0]);
+            else
 #endif
-            row(&w, j, xs, m, acc[0]);
-        for (int64_t t = 0; t < count; t++)
-            for (int64_t r = 0; r < m; r++) sums[r * n + j + t] = acc[t][r];
-    }
-    const finish_fn finish = pick_finish(isa);
-    for (int64_t r = 0; r < m; r++) {
-        const int32_t ad = n_adapters ? row_adapter[r] : -1;
-        finish(sums + r * n, bias, ad >= 0 ? delta + r * n : NULL, ad >= 0 ? lora_scale[ad] : 0.0f, dtype,
-               (char *)y + r * n * (dtype == G4_F32 ? 4 : 2), n);
+                row(&w, j, xs, m, acc[0]);
+            for (int64_t t = 0; t < count; t++)
+                for (int64_t r = 0; r < m; r++) sums[r * n + j + t] = acc[t][r];
+        }
+        for (int64_t r = 0; r < m && j0 < j1; r++) {
+            const int32_t ad = n_adapters ? row_adapter[r] : -1;
+            finish(sums + r * n + j0, bias ? (const char *)bias + j0 * esize : NULL,
+                   ad >= 0 ? delta + r * n + j0 : NULL, ad >= 0 ? lora_scale[ad] : 0.0f, dtype,
+                   (char *)y + (r * n + j0) * esize, j1 - j0);
+        }
     }
     free(xs);
     return 0;
