@@ -230,9 +230,11 @@ G4_BF16DP void rowsbf_mr(const g4_weight *w, int64_t j, const uint16_t *xg, int 
             __m512i ev[G4_PASS_ROWS], od[G4_PASS_ROWS];
             for (int t = 0; t < nr; t++) {
                 const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(p + (t * k + c) / 2)));
-                /* the next pass's codes at this column: without it, cold weights came at half this speed (the
-                 * hardware prefetcher does not keep up with four rows' streams) */
+                /* the next pass's codes at this column into L1, the one after into L2: without them, cold weights
+                 * (a model's layers leave the cache between tokens) came at half this speed -- the hardware
+                 * prefetcher does not keep up with four rows' streams */
                 _mm_prefetch((const char *)(p + (t * k + c) / 2 + nr * k / 2), _MM_HINT_T0);
+                _mm_prefetch((const char *)(p + (t * k + c) / 2 + nr * k), _MM_HINT_T2);
                 ev[t] = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), tab[t]);
                 od[t] = _mm512_permutexvar_epi16(v, tab[t]);
             }
