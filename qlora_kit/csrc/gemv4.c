@@ -253,6 +253,18 @@ G4_BF16DP void rowsbf_mr(const g4_weight *w, int64_t j, const uint16_t *xg, int 
             acc[t][r0 + r] += _mm512_reduce_add_ps(na == 2 ? _mm512_add_ps(a[t][0][r], a[t][1][r]) : a[t][0][r]);
 }
 
+/* rows_bf16dp's x: bf16, each 64 elements' even ones first, then the odd ones (n % 64 == 0) */
+__attribute__((target("avx512f,avx512bw"))) static void split_bf16(const void *x, int64_t n, uint16_t *xg) {
+    const __m512i even = _mm512_set_epi16(62, 60, 58, 56, 54, 52, 50, 48, 46, 44, 42, 40, 38, 36, 34, 32, 30, 28, 26,
+                                          24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odd = _mm512_add_epi16(even, _mm512_set1_epi16(1));
+    for (int64_t i = 0; i < n; i += G4_GROUP) {
+        const __m512i lo = _mm512_loadu_si512((const uint16_t *)x + i), hi = _mm512_loadu_si512((const uint16_t *)x + i + 32);
+        _mm512_storeu_si512(xg + i, _mm512_permutex2var_epi16(lo, even, hi));
+        _mm512_storeu_si512(xg + i + 32, _mm512_permutex2var_epi16(lo, odd, hi));
+    }
+}
+
 /* Output rows j .. j+count-1 (count <= G4_PASS_ROWS) for all m rows of x, in passes the registers hold: four
  * rows of W at one or two rows of x, two at more, eight rows of x at most per pass. */
 __attribute__((target("avx512f,avx512bw,avx512bf16,fma"))) static void rows_bf16dp(
@@ -551,17 +563,6 @@ int g4_gemm(const void *x, int64_t m, int64_t k, int dtype, const uint8_t *packe
     float *delta = n_adapters ? sums + m * n : NULL; /* per row: B (A x), before the scale */
     uint16_t *xg = (uint16_t *)(sums + (n_adapters ? 2 : 1) * m * n); /* rows_bf16dp's x */
     int32_t *pairs = (int32_t *)(xg + m * k); /* r * G4_MAX_RANK + i for each rank value A x needs */
-    int64_t npairs = 0;
-    for (int64_t r = 0; r < m; r++) { /* fp32, each chunk's even elements first, then its odd ones */
-        for (int64_t c = 0; c < k; c++) xf[r * k + c] = load_f32(x, dtype, r * k + c);
-        for (int64_t c = 0; c < k; c += G4_CHUNK)
-            for (int i = 0; i < G4_CHUNK / 2; i++) {
-                xs[r * k + c + i] = xf[r * k + c + 2 * i];
-                xs[r * k + c + 16 + i] = xf[r * k + c + 2 * i + 1];
-            }
-        const int32_t ad = n_adapters ? row_adapter[r] : -1;
-        for (int64_t i = 0; ad >= 0 && i < lora_rank[ad]; i++) pairs[npairs++] = (int32_t)(r * G4_MAX_RANK + i);
-    }
     const g4_weight w = {packed, absmax, qabsmax, nested_absmax, nested_code, offset, code, n, k, blocksize, dtype};
     const row_fn row = pick(isa);
     const dot_fn dot = pick_dot(isa);
@@ -573,12 +574,24 @@ int g4_gemm(const void *x, int64_t m, int64_t k, int dtype, const uint8_t *packe
     const int bf16dp = 0;
 #endif
     const int grouped = bf16dp && k % blocksize == 0 && blocksize % G4_GROUP == 0; /* rows_bf16dp */
-    if (grouped) /* bf16 x, each group's even elements first, then its odd ones */
-        for (int64_t i = 0; i < m * k; i += G4_GROUP)
-            for (int e = 0; e < G4_GROUP / 2; e++) {
-                xg[i + e] = ((const uint16_t *)x)[i + 2 * e];
-                xg[i + G4_GROUP / 2 + e] = ((const uint16_t *)x)[i + 2 * e + 1];
+    /* each copy of x only where a kernel reads it: serial work, and at 8 rows of a small layer it cost more than
+     * the second thread saved */
+    int64_t npairs = 0;
+    for (int64_t r = 0; r < m; r++) {
+        const int32_t ad = n_adapters ? row_adapter[r] : -1;
+        for (int64_t i = 0; ad >= 0 && i < lora_rank[ad]; i++) pairs[npairs++] = (int32_t)(r * G4_MAX_RANK + i);
+    }
+    if (npairs || !bf16dp) /* fp32 x, for A x and the fp32 kernels */
+        for (int64_t i = 0; i < m * k; i++) xf[i] = load_f32(x, dtype, i);
+    if (!bf16dp) /* fp32, each chunk's even elements first, then its odd ones */
+        for (int64_t c = 0; c < m * k; c += G4_CHUNK)
+            for (int i = 0; i < G4_CHUNK / 2; i++) {
+                xs[c + i] = xf[c + 2 * i];
+                xs[c + 16 + i] = xf[c + 2 * i + 1];
             }
+#ifdef G4_X86
+    if (grouped) split_bf16(x, m * k, xg);
+#endif
     const int nw = workers(n * k, n, nthreads, G4_MIN_PER_THREAD); /* parallel.h */
     const int64_t per_step = grouped ? G4_PASS_ROWS : 1, steps = (n + per_step - 1) / per_step;
     const size_t esize = dtype == G4_F32 ? 4 : 2;
@@ -586,11 +599,13 @@ int g4_gemm(const void *x, int64_t m, int64_t k, int dtype, const uint8_t *packe
      * thread's B (A x) and A x were a tenth of a token's time at two threads. */
 #pragma omp parallel num_threads(nw)
     {
+        if (npairs) { /* the same for every thread */
 #pragma omp for schedule(static)
-        for (int64_t q = 0; q < npairs; q++) {
-            const int64_t r = pairs[q] / G4_MAX_RANK, i = pairs[q] % G4_MAX_RANK;
-            u[pairs[q]] = dot(xf + r * k, lora_a[row_adapter[r]] + i * k, k);
-        } /* (its barrier: every thread needs all of A x) */
+            for (int64_t q = 0; q < npairs; q++) {
+                const int64_t r = pairs[q] / G4_MAX_RANK, i = pairs[q] % G4_MAX_RANK;
+                u[pairs[q]] = dot(xf + r * k, lora_a[row_adapter[r]] + i * k, k);
+            } /* (its barrier: every thread needs all of A x) */
+        }
         int64_t s0, s1; /* this thread's output rows, j0 .. j1 */
         my_blocks(steps, &s0, &s1);
         const int64_t j0 = s0 * per_step, j1 = s1 * per_step < n ? s1 * per_step : n;
