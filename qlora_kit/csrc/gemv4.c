@@ -18,7 +18,8 @@
  * the hot loop. Requires in_features % 32 == 0 and a blocksize that is a multiple of 32 (every bitsandbytes
  * blocksize), so that no block or row boundary falls inside a chunk; the caller falls back otherwise.
  *
- * Kernels: AVX-512 BF16 for bf16 activations (vdpbf16ps on bf16 pairs), AVX-512 (a 16-entry table is one
+ * Kernels: AVX-512 BF16 for bf16 activations (vdpbf16ps on bf16 pairs; up to four rows of W a pass where rows hold
+ * whole blocks of a multiple of 64, see rows_bf16dp, x then split per 64 instead), AVX-512 (a 16-entry table is one
  * permute), AVX2 + FMA + F16C (two permutes and a blend), and portable C,
  * picked at run time with __builtin_cpu_supports. Output rows are split across OpenMP threads.
  */
@@ -185,14 +186,6 @@ __attribute__((target("avx512f,avx512bw,avx512bf16,fma"))) static void row_bf16d
     }
 }
 
-/* Several output rows at once, for a W whose rows hold whole blocks of a multiple of 64 weights (k % blocksize == 0,
- * blocksize % 64 == 0: every bitsandbytes blocksize but 32). Per 64 weights of a row, its 32 bytes are widened to
- * 16-bit lanes (byte i in lane i) and two vpermw look the high and the low nibbles up in the block's 16 levels as
- * bf16 words -- held twice, in words 0-15 and 16-31, so the low nibble needs no mask: vpermw reads five index bits,
- * and the fifth (the high nibble's lowest bit) only picks the copy. The high nibbles are elements 2i, the low ones
- * 2i+1, so x comes split the same way (`xg`: per 64 elements the 32 even ones, then the 32 odd ones) and vdpbf16ps
- * multiplies matching pairs with no shuffle. Each vector of x is loaded once for all `nr` rows. Against the
- * one-row kernel this is a third of the instructions per weight: it was bound by them, not by memory. */
 /* block_absmax of blocks b .. b+count-1 (count <= 16) into am: in a loop of its own, apart from the vector loop
  * that uses the values -- computed there, one block at a time, the lookups cost a quarter more (and 16 at a time
  * with two gathers, more still). */
@@ -208,6 +201,15 @@ G4_BF16DP __m512i table_bf16x2(__m512 code, float am) {
     return (__m512i)_mm512_cvtne2ps_pbh(t, t);
 }
 
+/* Several output rows at once, for a W whose rows hold whole blocks of a multiple of 64 weights (k % blocksize == 0,
+ * blocksize % 64 == 0: every bitsandbytes blocksize but 32). Per 64 weights of a row, its 32 bytes are widened to
+ * 16-bit lanes (byte i in lane i) and two vpermw look the high and the low nibbles up in the block's 16 levels as
+ * bf16 words -- held twice, in words 0-15 and 16-31, so the low nibble needs no mask: vpermw reads five index bits,
+ * and the fifth (the high nibble's lowest bit) only picks the copy. The high nibbles are elements 2i, the low ones
+ * 2i+1, so x comes split the same way (`xg`: per 64 elements the 32 even ones, then the 32 odd ones) and vdpbf16ps
+ * multiplies matching pairs with no shuffle. Each vector of x is loaded once for all `nr` rows. Against the two-row
+ * kernel it replaced (dword lanes, two permutes and an OR per 32 weights): 1.5-2.3x at one row of x, 1.1-1.3x at
+ * eight, on a Zen 4 core -- which was bound by instructions (4-7 GB/s against ~25 GB/s it reads), not memory. */
 G4_BF16DP void rowsbf_mr(const g4_weight *w, int64_t j, const uint16_t *xg, int nr, int mr,
                          float acc[][G4_MAX_ROWS], int64_t r0) {
     /* at one or two rows of x, even and odd elements keep separate accumulators: the dependent chains of
@@ -259,7 +261,8 @@ __attribute__((target("avx512f,avx512bw"))) static void split_bf16(const void *x
                                           24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
     const __m512i odd = _mm512_add_epi16(even, _mm512_set1_epi16(1));
     for (int64_t i = 0; i < n; i += G4_GROUP) {
-        const __m512i lo = _mm512_loadu_si512((const uint16_t *)x + i), hi = _mm512_loadu_si512((const uint16_t *)x + i + 32);
+        const __m512i lo = _mm512_loadu_si512((const uint16_t *)x + i);
+        const __m512i hi = _mm512_loadu_si512((const uint16_t *)x + i + 32);
         _mm512_storeu_si512(xg + i, _mm512_permutex2var_epi16(lo, even, hi));
         _mm512_storeu_si512(xg + i + 32, _mm512_permutex2var_epi16(lo, odd, hi));
     }
@@ -538,8 +541,8 @@ static finish_fn pick_finish(int isa) {
  * it). W is n x k in the bitsandbytes 4-bit layout: `absmax` fp32 per block, or (absmax NULL) double quantization
  * given by qabsmax, nested_absmax, nested_code and offset. Adapters: n_adapters entries of lora_a / lora_bt /
  * lora_rank / lora_scale, and row_adapter[m] (NULL when n_adapters is 0). `isa` caps the kernel (3 AVX-512 BF16,
- * 2 AVX-512, 1 AVX2, 0 C; tests compare them). Returns 0, or -1 for arguments outside what the kernel handles (the caller
- * then takes the dequantize path). */
+ * 2 AVX-512, 1 AVX2, 0 C; tests compare them). Returns 0, or -1 for arguments outside what the kernel handles (the
+ * caller then takes the dequantize path). */
 int g4_gemm(const void *x, int64_t m, int64_t k, int dtype, const uint8_t *packed, const float *absmax,
             const uint8_t *qabsmax, const float *nested_absmax, const float *nested_code, float offset,
             const float *code, int64_t n, int64_t blocksize, const void *bias, int n_adapters,
@@ -595,8 +598,8 @@ int g4_gemm(const void *x, int64_t m, int64_t k, int dtype, const uint8_t *packe
     const int nw = workers(n * k, n, nthreads, G4_MIN_PER_THREAD); /* parallel.h */
     const int64_t per_step = grouped ? G4_PASS_ROWS : 1, steps = (n + per_step - 1) / per_step;
     const size_t esize = dtype == G4_F32 ? 4 : 2;
-    /* Everything per output split over the threads, the adapters' part included: done before the split, one
-     * thread's B (A x) and A x were a tenth of a token's time at two threads. */
+    /* Everything per output split over the threads, the adapters' part included: done by one thread before the
+     * split, A x and B (A x) cost ~4 ms a token on the Llama-1B shape (r=16 on every linear). */
 #pragma omp parallel num_threads(nw)
     {
         if (npairs) { /* the same for every thread */
@@ -614,7 +617,8 @@ int g4_gemm(const void *x, int64_t m, int64_t k, int dtype, const uint8_t *packe
             if (ad < 0) continue;
             float *d = delta + r * n + j0;
             memset(d, 0, (size_t)(j1 - j0) * sizeof *d);
-            for (int64_t i = 0; i < lora_rank[ad]; i++) axpy(d, u[r * G4_MAX_RANK + i], lora_bt[ad] + i * n + j0, j1 - j0);
+            for (int64_t i = 0; i < lora_rank[ad]; i++)
+                axpy(d, u[r * G4_MAX_RANK + i], lora_bt[ad] + i * n + j0, j1 - j0);
         }
         for (int64_t s = s0; s < s1; s++) {
             float acc[G4_PASS_ROWS][G4_MAX_ROWS] = {{0}};
