@@ -71,6 +71,43 @@ def test_decode_matmul_bit_for_bit_when_sums_are_exact(isa, dtype):
     assert torch.equal(_decode(qw, x, None, isa), F.linear(x, qw.dequantize(dtype)))
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 16])
+@pytest.mark.parametrize("n,k,blocksize", [(13, 2048, 64), (6, 192, 64), (7, 1024, 256), (5, 640, 128)])
+def test_decode_matmul_bit_for_bit_with_real_scales(isa, m, n, k, blocksize):
+    """Every weight the dequantized one, rounding of code * absmax to bf16 included: with absmax in [0.5, 1) the
+    bf16 weights are multiples of 2^-12 below 1, so small-integer x gives exact fp32 sums in any order. The
+    shapes walk the multi-row kernel's tails: output rows left over from passes of four or two, a row's last
+    absmax chunk shorter than 16 blocks (192 / 64, 640 / 128) or exactly 16 and more (2048 / 64), and every
+    count of x rows it splits into passes."""
+    gen = torch.Generator().manual_seed(n * k + m)
+    qw, x, _ = _case(n, k, m, torch.bfloat16, QuantConfig("nf4", False, blocksize), False, integer_x=True)
+    qw.absmax = 0.5 + 0.5 * torch.rand(qw.absmax.numel(), generator=gen)
+    assert torch.equal(_decode(qw, x, None, isa), F.linear(x, qw.dequantize(torch.bfloat16)))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("blocksize", [32, 64])  # at isa 3: the one-row kernel, then the multi-row one
+def test_decode_matmul_with_denormal_weights(isa, blocksize):
+    """A row scaled so small that its weights are denormals. vdpbf16ps (isa 3) reads denormal inputs as zero, in
+    the one-row and the multi-row kernel alike (the latter's table conversion flushes them already): that row
+    gives 0, within k * 2^-126 * max|x| of the reference. The other kernels keep them; other rows are exact."""
+    qw, x, _ = _case(8, 128, 1, torch.bfloat16, QuantConfig("nf4", False, blocksize), False, integer_x=True)
+    qw.absmax = torch.ones(qw.absmax.numel())
+    per_row = 128 // blocksize
+    qw.absmax[per_row:2 * per_row] = 2.0**-127  # all of row 1
+    wd = qw.dequantize(torch.bfloat16)
+    assert wd[1].float().abs().max() < torch.finfo(torch.float32).tiny and bool((wd[1] != 0).any())
+    x = x * 2.0**100  # the tiny products near fp32's normal range; the sums exact
+    ref, y = F.linear(x, wd), _decode(qw, x, None, isa)
+    rows = [0] + list(range(2, 8))
+    assert torch.equal(y[:, rows], ref[:, rows])
+    if isa == 3:
+        assert y[0, 1] == 0 and (ref[0, 1] - y[0, 1]).abs() <= 128 * 2.0**-126 * x.float().abs().max()
+    else:
+        assert torch.equal(y, ref)
+
+
 def test_decode_matmul_refuses_what_it_cannot_tile():
     qw, x, _ = _case(8, 48, 1, torch.bfloat16, QuantConfig(), False)  # 48 % 32 != 0
     assert qw.decode_matmul(x) is None
@@ -113,6 +150,32 @@ def test_fused_lora_decode_equals_the_unfused_path(dtype):
     tol = 2**-7 if dtype == torch.bfloat16 else 1e-5
     assert torch.allclose(fused.float(), unfused.float(), rtol=tol, atol=tol)
     assert torch.equal(fused[[2, 4]], unfused[[2, 4]])  # rows without an adapter: the same kernel call
+
+
+def test_fused_lora_decode_is_the_same_on_any_thread_count():
+    """Big enough for the kernel to split the outputs over threads, adapters' part included (A x by (row, rank),
+    B (A x) by each thread's outputs): every value is computed the same way whatever the split, so the bits
+    equal one thread's -- and the unfused path's within rounding."""
+    torch.manual_seed(0)
+    qw, _, b = _case(1030, 512, 1, torch.bfloat16, QuantConfig(), True)  # 1030: a pass's rows left over
+    layer = QLinear(qw, b)
+    for name in ("a", "b"):
+        layer.add_adapter(name, LoraConfig(r=8, alpha=16))
+        torch.nn.init.normal_(layer.lora_B[name].weight, std=0.5)
+    x = torch.randn(3, 1, 512).to(torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        with torch.no_grad(), route_rows([layer], {"a": torch.tensor([0]), "b": torch.tensor([2])}):
+            torch.set_num_threads(1)
+            one = layer(x)
+            torch.set_num_threads(2)
+            two = layer(x)
+            layer._decode = lambda x: None
+            unfused = layer(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    assert torch.allclose(two.float(), unfused.float(), rtol=2**-7, atol=2**-7)
 
 
 def test_qlinear_decode_with_adapters_matches_the_prefill_path():

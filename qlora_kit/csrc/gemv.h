@@ -46,13 +46,14 @@ static inline float as_dtype(float v, int dtype) {
 
 #ifdef G4_X86
 #define G4_AVX512 __attribute__((target("avx512f,fma"), always_inline)) static inline
-#define G4_BF16DP __attribute__((target("avx512f,avx512bf16,fma"), always_inline)) static inline
+#define G4_BF16DP __attribute__((target("avx512f,avx512bw,avx512bf16,fma"), always_inline)) static inline
 #define G4_AVX2 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline
 
-/* Whether `isa` allows, and the CPU has, AVX-512 BF16 (vdpbf16ps). */
+/* Whether `isa` allows, and the CPU has, AVX-512 BF16 (vdpbf16ps) and BW (16-bit lanes; every BF16 CPU has it). */
 static inline int have_bf16dp(int isa) {
     __builtin_cpu_init();
-    return isa >= 3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+    return isa >= 3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512bf16");
 }
 #endif
 

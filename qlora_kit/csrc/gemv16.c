@@ -57,7 +57,7 @@ G4_BF16DP void dense512bf_mr(const uint16_t *wj, int64_t k, const uint16_t *x, i
 }
 
 /* bf16 W and x, k % 32 == 0: the pairs as they lie in memory (x passed as-is, not widened) */
-__attribute__((target("avx512f,avx512bf16,fma"))) static void dense_bf16dp(const uint16_t *wj, int64_t k,
+__attribute__((target("avx512f,avx512bw,avx512bf16,fma"))) static void dense_bf16dp(const uint16_t *wj, int64_t k,
                                                                           const uint16_t *x, int64_t m, float *acc) {
     for (int64_t r = 0; r < m;) {
         const int64_t left = m - r;

@@ -18,7 +18,8 @@
  * the hot loop. Requires in_features % 32 == 0 and a blocksize that is a multiple of 32 (every bitsandbytes
  * blocksize), so that no block or row boundary falls inside a chunk; the caller falls back otherwise.
  *
- * Kernels: AVX-512 BF16 for bf16 activations (vdpbf16ps on bf16 pairs), AVX-512 (a 16-entry table is one
+ * Kernels: AVX-512 BF16 for bf16 activations (vdpbf16ps on bf16 pairs; up to four rows of W a pass where rows hold
+ * whole blocks of a multiple of 64, see rows_bf16dp, x then split per 64 instead), AVX-512 (a 16-entry table is one
  * permute), AVX2 + FMA + F16C (two permutes and a blend), and portable C,
  * picked at run time with __builtin_cpu_supports. Output rows are split across OpenMP threads.
  */
@@ -28,6 +29,9 @@
  * signature or meaning): 2 = LoRA B passed transposed, g4_dense (gemv16.c). */
 #define G4_ABI_VERSION 2
 int g4_abi_version(void) { return G4_ABI_VERSION; }
+
+/* rows_bf16dp: 64 weights a step (32 bytes), up to four rows of W a pass */
+enum { G4_GROUP = 64, G4_PASS_ROWS = 4 };
 
 typedef struct {
     const uint8_t *packed;     /* n*k/2 bytes, first element of a byte in the high nibble */
@@ -170,7 +174,7 @@ G4_BF16DP void row512bf_mr(const g4_weight *w, int64_t j, const uint16_t *x, int
     for (int r = 0; r < mr; r++) acc[r] += _mm512_reduce_add_ps(_mm512_add_ps(a[0][r], a[1][r]));
 }
 
-__attribute__((target("avx512f,avx512bf16,fma"))) static void row_bf16dp(const g4_weight *w, int64_t j,
+__attribute__((target("avx512f,avx512bw,avx512bf16,fma"))) static void row_bf16dp(const g4_weight *w, int64_t j,
                                                                         const uint16_t *x, int64_t m, float *acc) {
     for (int64_t r = 0; r < m;) {
         const int64_t left = m - r;
@@ -182,47 +186,115 @@ __attribute__((target("avx512f,avx512bf16,fma"))) static void row_bf16dp(const g
     }
 }
 
-/* Two output rows j, j+1 at once, for a W whose rows hold whole blocks (k % blocksize == 0): each chunk of x is
- * loaded once for both, which at several rows of x halves the loads that otherwise keep pace with the dot
- * products. */
-G4_BF16DP void row512bf2_mr(const g4_weight *w, int64_t j, const uint16_t *x, int mr, float *acc0, float *acc1) {
-    const int64_t k = w->k, row0 = j * k, per_row = k / w->bs;
-    __m512 a0[G4_MAX_ROWS / 2], a1[G4_MAX_ROWS / 2];
-    for (int r = 0; r < mr; r++) a0[r] = a1[r] = _mm512_setzero_ps();
-    const __m512i nib = _mm512_set1_epi32(15);
-    for (int64_t c0 = 0, b = row0 / w->bs; c0 < k; c0 += w->bs, b++) {
-        const __m512i hi0 = _mm512_castps_si512(table512(w, b)), lo0 = _mm512_srli_epi32(hi0, 16);
-        const __m512i hi1 = _mm512_castps_si512(table512(w, b + per_row)), lo1 = _mm512_srli_epi32(hi1, 16);
-        for (int64_t c = c0; c < c0 + w->bs; c += G4_CHUNK) {
-            const __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w->packed + (row0 + c) / 2)));
-            const __m512i v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w->packed + (row0 + k + c) / 2)));
-            const __m512i p0 = _mm512_or_si512(_mm512_permutexvar_epi32(_mm512_srli_epi32(v0, 4), lo0),
-                                               _mm512_permutexvar_epi32(_mm512_and_si512(v0, nib), hi0));
-            const __m512i p1 = _mm512_or_si512(_mm512_permutexvar_epi32(_mm512_srli_epi32(v1, 4), lo1),
-                                               _mm512_permutexvar_epi32(_mm512_and_si512(v1, nib), hi1));
+/* block_absmax of blocks b .. b+count-1 (count <= 16) into am: in a loop of its own, apart from the vector loop
+ * that uses the values -- computed there, one block at a time, the lookups cost a quarter more (and 16 at a time
+ * with two gathers, more still). */
+static inline void absmax16(const g4_weight *w, int64_t b, int64_t count, float am[16]) {
+    for (int64_t i = 0; i < count; i++) am[i] = block_absmax(w, b + i);
+}
+
+/* A block's 16 levels as the dequantize path rounds them to bf16, twice over (words 0-15 and 16-31). vcvtne2ps2bf16
+ * rounds to nearest even as torch does; it flushes a level that is an fp32 denormal to zero, where torch keeps a
+ * bf16 denormal -- which vdpbf16ps would read as zero anyway, so the products are the one-row kernel's. */
+G4_BF16DP __m512i table_bf16x2(__m512 code, float am) {
+    const __m512 t = _mm512_mul_ps(code, _mm512_set1_ps(am));
+    return (__m512i)_mm512_cvtne2ps_pbh(t, t);
+}
+
+/* Several output rows at once, for a W whose rows hold whole blocks of a multiple of 64 weights (k % blocksize == 0,
+ * blocksize % 64 == 0: every bitsandbytes blocksize but 32). Per 64 weights of a row, its 32 bytes are widened to
+ * 16-bit lanes (byte i in lane i) and two vpermw look the high and the low nibbles up in the block's 16 levels as
+ * bf16 words -- held twice, in words 0-15 and 16-31, so the low nibble needs no mask: vpermw reads five index bits,
+ * and the fifth (the high nibble's lowest bit) only picks the copy. The high nibbles are elements 2i, the low ones
+ * 2i+1, so x comes split the same way (`xg`: per 64 elements the 32 even ones, then the 32 odd ones) and vdpbf16ps
+ * multiplies matching pairs with no shuffle. Each vector of x is loaded once for all `nr` rows. Against the two-row
+ * kernel it replaced (dword lanes, two permutes and an OR per 32 weights): 1.5-2.3x at one row of x, 1.1-1.3x at
+ * eight, on a Zen 4 core -- which was bound by instructions (4-7 GB/s against ~25 GB/s it reads), not memory. */
+G4_BF16DP void rowsbf_mr(const g4_weight *w, int64_t j, const uint16_t *xg, int nr, int mr,
+                         float acc[][G4_MAX_ROWS], int64_t r0) {
+    /* at one or two rows of x, even and odd elements keep separate accumulators: the dependent chains of
+     * multiply-adds, not the decoding, would set the pace otherwise */
+    const int na = mr <= 2 ? 2 : 1;
+    const int64_t k = w->k, per_row = k / w->bs;
+    const uint8_t *p = w->packed + j * k / 2;
+    const __m512 code = _mm512_loadu_ps(w->code);
+    __m512 a[G4_PASS_ROWS][2][8];
+    for (int t = 0; t < nr; t++)
+        for (int h = 0; h < na; h++)
+            for (int r = 0; r < mr; r++) a[t][h][r] = _mm512_setzero_ps();
+    float am[G4_PASS_ROWS][16]; /* the rows' next 16 blocks' absmax */
+    for (int64_t c0 = 0, i = 0, b = j * per_row; c0 < k; c0 += w->bs, i++, b++) {
+        if (i % 16 == 0)
+            for (int t = 0; t < nr; t++) absmax16(w, b + t * per_row, per_row - i < 16 ? per_row - i : 16, am[t]);
+        __m512i tab[G4_PASS_ROWS];
+        for (int t = 0; t < nr; t++) tab[t] = table_bf16x2(code, am[t][i % 16]);
+        for (int64_t c = c0; c < c0 + w->bs; c += G4_GROUP) {
+            __m512i ev[G4_PASS_ROWS], od[G4_PASS_ROWS];
+            for (int t = 0; t < nr; t++) {
+                const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(p + (t * k + c) / 2)));
+                /* the next pass's codes at this column into L1, the one after into L2: without them, cold weights
+                 * (a model's layers leave the cache between tokens) came at half this speed -- the hardware
+                 * prefetcher does not keep up with four rows' streams */
+                _mm_prefetch((const char *)(p + (t * k + c) / 2 + nr * k / 2), _MM_HINT_T0);
+                _mm_prefetch((const char *)(p + (t * k + c) / 2 + nr * k), _MM_HINT_T2);
+                ev[t] = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), tab[t]);
+                od[t] = _mm512_permutexvar_epi16(v, tab[t]);
+            }
             for (int r = 0; r < mr; r++) {
-                const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + r * k + c);
-                a0[r] = _mm512_dpbf16_ps(a0[r], (__m512bh)p0, xv);
-                a1[r] = _mm512_dpbf16_ps(a1[r], (__m512bh)p1, xv);
+                const __m512bh xe = (__m512bh)_mm512_loadu_si512(xg + r * k + c);
+                const __m512bh xo = (__m512bh)_mm512_loadu_si512(xg + r * k + c + G4_GROUP / 2);
+                for (int t = 0; t < nr; t++) {
+                    a[t][0][r] = _mm512_dpbf16_ps(a[t][0][r], (__m512bh)ev[t], xe);
+                    a[t][na - 1][r] = _mm512_dpbf16_ps(a[t][na - 1][r], (__m512bh)od[t], xo);
+                }
             }
         }
     }
-    for (int r = 0; r < mr; r++) {
-        acc0[r] += _mm512_reduce_add_ps(a0[r]);
-        acc1[r] += _mm512_reduce_add_ps(a1[r]);
+    for (int t = 0; t < nr; t++)
+        for (int r = 0; r < mr; r++)
+            acc[t][r0 + r] += _mm512_reduce_add_ps(na == 2 ? _mm512_add_ps(a[t][0][r], a[t][1][r]) : a[t][0][r]);
+}
+
+/* rows_bf16dp's x: bf16, each 64 elements' even ones first, then the odd ones (n % 64 == 0) */
+__attribute__((target("avx512f,avx512bw"))) static void split_bf16(const void *x, int64_t n, uint16_t *xg) {
+    const __m512i even = _mm512_set_epi16(62, 60, 58, 56, 54, 52, 50, 48, 46, 44, 42, 40, 38, 36, 34, 32, 30, 28, 26,
+                                          24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odd = _mm512_add_epi16(even, _mm512_set1_epi16(1));
+    for (int64_t i = 0; i < n; i += G4_GROUP) {
+        const __m512i lo = _mm512_loadu_si512((const uint16_t *)x + i);
+        const __m512i hi = _mm512_loadu_si512((const uint16_t *)x + i + 32);
+        _mm512_storeu_si512(xg + i, _mm512_permutex2var_epi16(lo, even, hi));
+        _mm512_storeu_si512(xg + i + 32, _mm512_permutex2var_epi16(lo, odd, hi));
     }
 }
 
-__attribute__((target("avx512f,avx512bf16,fma"))) static void rows2_bf16dp(const g4_weight *w, int64_t j,
-                                                                          const uint16_t *x, int64_t m, float *acc0,
-                                                                          float *acc1) {
-    for (int64_t r = 0; r < m;) {
-        const int64_t left = m - r;
-        const uint16_t *xr = x + r * w->k;
-        if (left >= 8) row512bf2_mr(w, j, xr, 8, acc0 + r, acc1 + r), r += 8;
-        else if (left >= 4) row512bf2_mr(w, j, xr, 4, acc0 + r, acc1 + r), r += 4;
-        else if (left >= 2) row512bf2_mr(w, j, xr, 2, acc0 + r, acc1 + r), r += 2;
-        else row512bf2_mr(w, j, xr, 1, acc0 + r, acc1 + r), r += 1;
+/* Output rows j .. j+count-1 (count <= G4_PASS_ROWS) for all m rows of x, in passes the registers hold: four
+ * rows of W at one or two rows of x, two at more, eight rows of x at most per pass. */
+__attribute__((target("avx512f,avx512bw,avx512bf16,fma"))) static void rows_bf16dp(
+    const g4_weight *w, int64_t j, int64_t count, const uint16_t *xg, int64_t m, float acc[][G4_MAX_ROWS]) {
+    for (int64_t t = 0; t < count;) {
+        const int nr = count - t >= 4 && m <= 2 ? 4 : count - t >= 2 ? 2 : 1;
+        for (int64_t r = 0; r < m;) {
+            const int64_t left = m - r;
+            const uint16_t *xr = xg + r * w->k;
+            float (*at)[G4_MAX_ROWS] = acc + t;
+            /* compile-time row counts, so the accumulators stay in registers */
+            if (nr == 4) {
+                if (left >= 2) rowsbf_mr(w, j + t, xr, 4, 2, at, r), r += 2;
+                else rowsbf_mr(w, j + t, xr, 4, 1, at, r), r += 1;
+            } else if (nr == 2) {
+                if (left >= 8) rowsbf_mr(w, j + t, xr, 2, 8, at, r), r += 8;
+                else if (left >= 4) rowsbf_mr(w, j + t, xr, 2, 4, at, r), r += 4;
+                else if (left >= 2) rowsbf_mr(w, j + t, xr, 2, 2, at, r), r += 2;
+                else rowsbf_mr(w, j + t, xr, 2, 1, at, r), r += 1;
+            } else {
+                if (left >= 8) rowsbf_mr(w, j + t, xr, 1, 8, at, r), r += 8;
+                else if (left >= 4) rowsbf_mr(w, j + t, xr, 1, 4, at, r), r += 4;
+                else if (left >= 2) rowsbf_mr(w, j + t, xr, 1, 2, at, r), r += 2;
+                else rowsbf_mr(w, j + t, xr, 1, 1, at, r), r += 1;
+            }
+        }
+        t += nr;
     }
 }
 
@@ -468,9 +540,9 @@ static finish_fn pick_finish(int isa) {
 /* y[m, n] = x[m, k] W^T + bias (+ the rows' LoRA deltas), in `dtype` (0 fp32, 1 bf16, 2 fp16; x, bias and y share
  * it). W is n x k in the bitsandbytes 4-bit layout: `absmax` fp32 per block, or (absmax NULL) double quantization
  * given by qabsmax, nested_absmax, nested_code and offset. Adapters: n_adapters entries of lora_a / lora_bt /
- * lora_rank / lora_scale, and row_adapter[m] (NULL when n_adapters is 0). `isa` caps the kernel (2 AVX-512,
- * 1 AVX2, 0 C; tests compare them). Returns 0, or -1 for arguments outside what the kernel handles (the caller
- * then takes the dequantize path). */
+ * lora_rank / lora_scale, and row_adapter[m] (NULL when n_adapters is 0). `isa` caps the kernel (3 AVX-512 BF16,
+ * 2 AVX-512, 1 AVX2, 0 C; tests compare them). Returns 0, or -1 for arguments outside what the kernel handles (the
+ * caller then takes the dequantize path). */
 int g4_gemm(const void *x, int64_t m, int64_t k, int dtype, const uint8_t *packed, const float *absmax,
             const uint8_t *qabsmax, const float *nested_absmax, const float *nested_code, float offset,
             const float *code, int64_t n, int64_t blocksize, const void *bias, int n_adapters,
@@ -484,57 +556,88 @@ int g4_gemm(const void *x, int64_t m, int64_t k, int dtype, const uint8_t *packe
         if (lora_rank[a] < 1 || lora_rank[a] > G4_MAX_RANK) return -1;
     for (int64_t r = 0; n_adapters && r < m; r++)
         if (row_adapter[r] >= n_adapters) return -1;
-    float *xs = malloc((size_t)(2 * m * k + m * G4_MAX_RANK + (n_adapters ? 2 : 1) * m * n) * sizeof *xs);
+    /* fp32 x split per chunk, fp32 x as it is, A x, the sums, the deltas; then bf16 x split per group and the
+     * (row, rank) pairs of A x */
+    float *xs = malloc((size_t)(2 * m * k + m * G4_MAX_RANK + (n_adapters ? 2 : 1) * m * n) * sizeof *xs +
+                       (size_t)(m * k) * sizeof(uint16_t) + (size_t)(m * G4_MAX_RANK) * sizeof(int32_t));
     if (!xs) return -1;
     float *xf = xs + m * k, *u = xf + m * k; /* x in fp32 as it is; per row: A x, the adapter's rank values */
     float *sums = u + m * G4_MAX_RANK;       /* per row: the fp32 sums x W^T, finished by finish_row */
     float *delta = n_adapters ? sums + m * n : NULL; /* per row: B (A x), before the scale */
-    const dot_fn dot = pick_dot(isa);
-    const axpy_fn axpy = pick_axpy(isa);
-    for (int64_t r = 0; r < m; r++) { /* fp32, each chunk's even elements first, then its odd ones */
-        for (int64_t c = 0; c < k; c++) xf[r * k + c] = load_f32(x, dtype, r * k + c);
-        for (int64_t c = 0; c < k; c += G4_CHUNK)
-            for (int i = 0; i < G4_CHUNK / 2; i++) {
-                xs[r * k + c + i] = xf[r * k + c + 2 * i];
-                xs[r * k + c + 16 + i] = xf[r * k + c + 2 * i + 1];
-            }
-        const int32_t ad = n_adapters ? row_adapter[r] : -1;
-        if (ad < 0) continue;
-        float *d = delta + r * n;
-        memset(d, 0, (size_t)n * sizeof *d);
-        for (int64_t i = 0; i < lora_rank[ad]; i++) {
-            u[r * G4_MAX_RANK + i] = dot(xf + r * k, lora_a[ad] + i * k, k);
-            axpy(d, u[r * G4_MAX_RANK + i], lora_bt[ad] + i * n, n);
-        }
-    }
+    uint16_t *xg = (uint16_t *)(sums + (n_adapters ? 2 : 1) * m * n); /* rows_bf16dp's x */
+    int32_t *pairs = (int32_t *)(xg + m * k); /* r * G4_MAX_RANK + i for each rank value A x needs */
     const g4_weight w = {packed, absmax, qabsmax, nested_absmax, nested_code, offset, code, n, k, blocksize, dtype};
     const row_fn row = pick(isa);
+    const dot_fn dot = pick_dot(isa);
+    const axpy_fn axpy = pick_axpy(isa);
+    const finish_fn finish = pick_finish(isa);
 #ifdef G4_X86
     const int bf16dp = dtype == G4_BF16 && have_bf16dp(isa);
 #else
     const int bf16dp = 0;
 #endif
-    const int nw = workers(n * k, n, nthreads, G4_MIN_PER_THREAD); /* parallel.h */
-    const int paired = bf16dp && k % blocksize == 0; /* output rows two at a time (row512bf2_mr) */
-    const int64_t steps = paired ? (n + 1) / 2 : n;
-#pragma omp parallel for schedule(static) num_threads(nw)
-    for (int64_t s = 0; s < steps; s++) {
-        float acc[2][G4_MAX_ROWS] = {{0}};
-        const int64_t j = paired ? 2 * s : s, count = paired && j + 1 < n ? 2 : 1;
-#ifdef G4_X86
-        if (count == 2) rows2_bf16dp(&w, j, (const uint16_t *)x, m, acc[0], acc[1]);
-        else if (bf16dp) row_bf16dp(&w, j, (const uint16_t *)x, m, acc[0]);
-        else
-#endif
-            row(&w, j, xs, m, acc[0]);
-        for (int64_t t = 0; t < count; t++)
-            for (int64_t r = 0; r < m; r++) sums[r * n + j + t] = acc[t][r];
-    }
-    const finish_fn finish = pick_finish(isa);
+    const int grouped = bf16dp && k % blocksize == 0 && blocksize % G4_GROUP == 0; /* rows_bf16dp */
+    /* each copy of x only where a kernel reads it: serial work, and at 8 rows of a small layer it cost more than
+     * the second thread saved */
+    int64_t npairs = 0;
     for (int64_t r = 0; r < m; r++) {
         const int32_t ad = n_adapters ? row_adapter[r] : -1;
-        finish(sums + r * n, bias, ad >= 0 ? delta + r * n : NULL, ad >= 0 ? lora_scale[ad] : 0.0f, dtype,
-               (char *)y + r * n * (dtype == G4_F32 ? 4 : 2), n);
+        for (int64_t i = 0; ad >= 0 && i < lora_rank[ad]; i++) pairs[npairs++] = (int32_t)(r * G4_MAX_RANK + i);
+    }
+    if (npairs || !bf16dp) /* fp32 x, for A x and the fp32 kernels */
+        for (int64_t i = 0; i < m * k; i++) xf[i] = load_f32(x, dtype, i);
+    if (!bf16dp) /* fp32, each chunk's even elements first, then its odd ones */
+        for (int64_t c = 0; c < m * k; c += G4_CHUNK)
+            for (int i = 0; i < G4_CHUNK / 2; i++) {
+                xs[c + i] = xf[c + 2 * i];
+                xs[c + 16 + i] = xf[c + 2 * i + 1];
+            }
+#ifdef G4_X86
+    if (grouped) split_bf16(x, m * k, xg);
+#endif
+    const int nw = workers(n * k, n, nthreads, G4_MIN_PER_THREAD); /* parallel.h */
+    const int64_t per_step = grouped ? G4_PASS_ROWS : 1, steps = (n + per_step - 1) / per_step;
+    const size_t esize = dtype == G4_F32 ? 4 : 2;
+    /* Everything per output split over the threads, the adapters' part included: done by one thread before the
+     * split, A x and B (A x) cost ~4 ms a token on the Llama-1B shape (r=16 on every linear). */
+#pragma omp parallel num_threads(nw)
+    {
+        if (npairs) { /* the same for every thread */
+#pragma omp for schedule(static)
+            for (int64_t q = 0; q < npairs; q++) {
+                const int64_t r = pairs[q] / G4_MAX_RANK, i = pairs[q] % G4_MAX_RANK;
+                u[pairs[q]] = dot(xf + r * k, lora_a[row_adapter[r]] + i * k, k);
+            } /* (its barrier: every thread needs all of A x) */
+        }
+        int64_t s0, s1; /* this thread's output rows, j0 .. j1 */
+        my_blocks(steps, &s0, &s1);
+        const int64_t j0 = s0 * per_step, j1 = s1 * per_step < n ? s1 * per_step : n;
+        for (int64_t r = 0; r < m && j0 < j1; r++) { /* B (A x) over them, rank by rank */
+            const int32_t ad = n_adapters ? row_adapter[r] : -1;
+            if (ad < 0) continue;
+            float *d = delta + r * n + j0;
+            memset(d, 0, (size_t)(j1 - j0) * sizeof *d);
+            for (int64_t i = 0; i < lora_rank[ad]; i++)
+                axpy(d, u[r * G4_MAX_RANK + i], lora_bt[ad] + i * n + j0, j1 - j0);
+        }
+        for (int64_t s = s0; s < s1; s++) {
+            float acc[G4_PASS_ROWS][G4_MAX_ROWS] = {{0}};
+            const int64_t j = s * per_step, count = n - j < per_step ? n - j : per_step;
+#ifdef G4_X86
+            if (grouped) rows_bf16dp(&w, j, count, xg, m, acc);
+            else if (bf16dp) row_bf16dp(&w, j, (const uint16_t *)x, m, acc[0]);
+            else
+#endif
+                row(&w, j, xs, m, acc[0]);
+            for (int64_t t = 0; t < count; t++)
+                for (int64_t r = 0; r < m; r++) sums[r * n + j + t] = acc[t][r];
+        }
+        for (int64_t r = 0; r < m && j0 < j1; r++) {
+            const int32_t ad = n_adapters ? row_adapter[r] : -1;
+            finish(sums + r * n + j0, bias ? (const char *)bias + j0 * esize : NULL,
+                   ad >= 0 ? delta + r * n + j0 : NULL, ad >= 0 ? lora_scale[ad] : 0.0f, dtype,
+                   (char *)y + (r * n + j0) * esize, j1 - j0);
+        }
     }
     free(xs);
     return 0;
