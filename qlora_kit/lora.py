@@ -128,7 +128,7 @@ class _LoraTrainLinear(torch.autograd.Function):
         keep_w = _checkpointing()
         ctx.save_for_backward(x, h, a16, b_used, wa[:out_f] if keep_w else None)
         ctx.qweight, ctx.scale, ctx.fold = qweight, scale, fold
-        return y[..., :out_f] + d
+        return d.add_(y[..., :out_f])  # into d, this function's own: one [rows, out] allocation fewer
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
