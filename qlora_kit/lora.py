@@ -5,7 +5,8 @@ named LoRA adapters (peft's module layout: `lora_A.<name>`, `lora_B.<name>`, `lo
 is active. Its forward dequantizes the
 weight on the fly in the compute dtype through an autograd function that keeps only the 4-bit weight for
 backward: the dequantized matrix is rebuilt in backward instead of being saved, which is what makes QLoRA's
-memory figures possible. Merging is one function (`merge_delta_`, in place; `merge_delta` on a copy), used by the
+memory figures possible. (Under non-reentrant gradient checkpointing the CPU training path keeps the matrix that
+the block's recomputation built until that block's backward, `_LoraTrainLinear`: one block's W at a time.) Merging is one function (`merge_delta_`, in place; `merge_delta` on a copy), used by the
 module and by export alike.
 
 Which adapter a forward uses is the layer's `active_adapter`, unless the calling context routes batch rows to
@@ -86,6 +87,67 @@ class _Dequant4bitLinear(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None, None
         return grad_out @ ctx.qweight.dequantize(grad_out.dtype), None, None
+
+
+def _checkpointing() -> bool:
+    """Whether the tensors saved now go through torch's non-reentrant checkpoint hooks: dropped after the first
+    forward, and kept only from a block's recomputation to its backward. Saving the dequantized W there costs one
+    block's W at a time and spares backward a third dequantize; saved elsewhere it would keep every layer's W."""
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    pack = getattr(hooks[0], "__qualname__", "") if hooks else ""
+    return pack.startswith(("_checkpoint_hook.", "_recomputation_hook."))
+
+
+def _pow2_at_least_one(scale: float) -> bool:
+    """Scales for which s·round(v) == round(s·v) in bf16/fp32 (no underflow; overflow is non-finite either way)."""
+    return scale >= 1.0 and math.frexp(scale)[0] == 0.5
+
+
+class _LoraTrainLinear(torch.autograd.Function):
+    """y = x Wᵀ + s·(x Aᵀ) Bᵀ for training on the CPU under autocast, the same bits as QLinear's unfused path
+    (base matmul on the dequantized W, autocast's bf16 copies of A and B, B's output times s, the sum) with less
+    work: A's rows are appended to the dequantized W, so one matmul gives the base output and x Aᵀ (each output
+    column is computed alone; tests check the bits); a power-of-two s >= 1 is folded into B's copy (exact), which
+    drops a multiply of the whole output forward and backward; under gradient checkpointing the recomputation's W
+    is kept for backward (two dequantizes per step, not three). x comes in twice so that autograd adds the adapter's
+    and the base's input gradients in the order the unfused graph did (floating-point sums are order-sensitive)."""
+
+    @staticmethod
+    def forward(ctx, x_lora, x, qweight: QuantizedWeight, a: torch.Tensor, b: torch.Tensor, scale: float):
+        dtype, out_f, r = x.dtype, qweight.shape[0], a.shape[0]
+        wa = torch.empty(out_f + r, qweight.shape[1], dtype=dtype)
+        qweight.dequantize(dtype, out=wa[:out_f])
+        wa[out_f:].copy_(a)
+        a16, b16 = wa[out_f:], b.to(dtype)
+        fold = _pow2_at_least_one(scale)
+        b_used = b16 * scale if fold else b16
+        y = F.linear(x, wa)
+        h = y[..., out_f:].contiguous()
+        d = F.linear(h, b_used)
+        if not fold:
+            d = d * scale
+        keep_w = _checkpointing()
+        ctx.save_for_backward(x, h, a16, b_used, wa[:out_f] if keep_w else None)
+        ctx.qweight, ctx.scale, ctx.fold = qweight, scale, fold
+        return d.add_(y[..., :out_f])  # into d, this function's own: one [rows, out] allocation fewer
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, h, a16, b_used, w = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])
+        gs = g2 if ctx.fold else g2 * ctx.scale
+        grad_b = gs.t().mm(h.reshape(-1, h.shape[-1]))  # autograd's mm_mat2_backward for a transposed weight
+        if ctx.fold:
+            grad_b = grad_b * ctx.scale
+        grad_h = gs.mm(b_used)
+        grad_a = grad_h.t().mm(x.reshape(-1, x.shape[-1]))
+        gx_lora = gx = None
+        if ctx.needs_input_grad[0]:
+            gx_lora = grad_h.mm(a16).view(x.shape)
+        if ctx.needs_input_grad[1]:
+            w = ctx.qweight.dequantize(g.dtype) if w is None else w
+            gx = g2.mm(w).view(x.shape)
+        return gx_lora, gx, None, grad_a.float(), grad_b.float(), None
 
 
 def linear_4bit(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -252,14 +314,32 @@ class QLinear(nn.Module):
         fused = self._decode(x)
         if fused is not None:
             return fused
-        result = linear_4bit(x.to(self.compute_dtype), self.qweight, self._bias(x)).to(x.dtype)
         groups = _ROW_ROUTING.get().get(id(self))
+        if groups is None and self._fused_training(x):
+            name = self.active_adapter
+            a, b = self.lora_A[name].weight, self.lora_B[name].weight
+            return _LoraTrainLinear.apply(x, x, self.qweight, a, b, self.scaling[name])
+        result = linear_4bit(x.to(self.compute_dtype), self.qweight, self._bias(x)).to(x.dtype)
         if groups is not None:
             return self._per_row(x, result, groups)
         name = self.active_adapter
         if name is None or name not in self.lora_A:
             return result
         return result + self.lora_delta(x, name).to(result.dtype)
+
+    def _fused_training(self, x: torch.Tensor) -> bool:
+        """Whether this forward can take `_LoraTrainLinear`: a differentiated CPU forward of the active adapter,
+        without bias or dropout, x in the compute dtype under autocast to it (where the unfused path computes
+        the adapter in that dtype too). Anything else takes the unfused path."""
+        name = self.active_adapter
+        if not (torch.is_grad_enabled() and x.is_cpu and x.dim() >= 2 and self.bias is None) \
+                or name is None or name not in self.lora_A or x.dtype != self.compute_dtype:
+            return False
+        a = self.lora_A[name].weight
+        if not (a.requires_grad or self.lora_B[name].weight.requires_grad or x.requires_grad):
+            return False
+        return isinstance(self.lora_dropout[name], nn.Identity) and torch.is_autocast_enabled("cpu") and \
+            torch.get_autocast_dtype("cpu") == x.dtype
 
     def _decode(self, x: torch.Tensor) -> torch.Tensor | None:
         """Inference on a few rows: base matmul and every row's LoRA delta in one native call (decode_matmul),

@@ -34,6 +34,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "qlora-bench-train")
     bench_train.add_shape_args(p)
+    p.add_argument("--preset", help="a tools/make_checkpoint.py model shape (bench_train's --preset)")
     p.add_argument("--rows", type=int, default=128)
     p.add_argument("--max-seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=4)
@@ -41,7 +42,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--no-packing", action="store_true")
     args = p.parse_args(argv)
-    args.model = args.data = args.preset = None
+    args.model = args.data = None
     args.no_weights, args.seed = False, 0
     model_dir, data = bench_train.prepare_workspace(args)
 
