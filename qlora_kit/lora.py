@@ -6,8 +6,9 @@ is active. Its forward dequantizes the
 weight on the fly in the compute dtype through an autograd function that keeps only the 4-bit weight for
 backward: the dequantized matrix is rebuilt in backward instead of being saved, which is what makes QLoRA's
 memory figures possible. (Under non-reentrant gradient checkpointing the CPU training path keeps the matrix that
-the block's recomputation built until that block's backward, `_LoraTrainLinear`: one block's W at a time.) Merging is one function (`merge_delta_`, in place; `merge_delta` on a copy), used by the
-module and by export alike.
+the block's recomputation built until that block's backward, `_LoraTrainLinear`: one block's W at a time.)
+Merging is one function (`merge_delta_`, in place; `merge_delta` on a copy), used by the module and by export
+alike.
 
 Which adapter a forward uses is the layer's `active_adapter`, unless the calling context routes batch rows to
 adapters (`route_rows`, which `adapters.per_row_adapters` wraps): that routing lives in a `ContextVar`, not on
