@@ -10,10 +10,8 @@ checkpoint holds (`runstate` lays it out on disk), so a resumed run continues bi
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
-import os
 import signal
 import sys
 import time
@@ -112,30 +110,6 @@ def _rng_key(key: str, rank: int) -> str:
     return key if rank == 0 else f"{key}.rank{rank}"
 
 
-MMAP_THRESHOLD = 128 * 1024
-"""Bytes from which glibc serves an allocation by mmap: its own starting value, pinned (see pin_mmap_threshold)."""
-M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
-
-
-def pin_mmap_threshold() -> None:
-    """Keep glibc's mmap threshold where it starts, so a training step's freed activations go back to the system.
-
-    Why: glibc raises the threshold to the size of each mmapped block that is freed (up to 32 MiB), and from then
-    on serves blocks of that size from its heap, which it cannot shrink around live blocks. A training step frees
-    hundreds of MiB of activations of many sizes (the loss's vary with each batch's trained tokens), so the heap
-    fragments and grows step after step: on the SmolLM2-135M bench the peak RSS rose from 1.03 GiB at step 1 to
-    1.41 GiB at step 12 (1.7 GiB by the epoch's end) over ~0.7 GiB of live memory; pinned, it stays at 1.02 GiB.
-    Process-wide, glibc only; an explicit MALLOC_MMAP_THRESHOLD_ in the environment is left to rule."""
-    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return
-    try:
-        libc = ctypes.CDLL(None)
-    except OSError:
-        return
-    if hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version"):  # glibc, not musl's stub
-        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-
-
 class _StopFlag:
     """SIGINT sets a flag checked between steps, so Ctrl-C ends on a saved, consistent checkpoint."""
 
@@ -162,7 +136,6 @@ class Trainer:
     """Holds the run's objects; `run()` is the loop. Built from a validated Recipe and nothing else."""
 
     def __init__(self, recipe: Recipe, progress: bool = True) -> None:
-        pin_mmap_threshold()
         self.recipe = recipe
         self.out = Path(recipe.output_dir)
         self.dist = Dist(recipe.distributed, resolve_device())

@@ -270,21 +270,3 @@ def test_float16_trains_with_dynamic_loss_scaling(workspace, tmp_path, capsys):
     state = json.loads((tmp_path / "fp16" / "checkpoints" / "step-4" / "trainer_state.json").read_text())
     assert state["scaler"]["scale"] == trainer.scaler.get_scale()
 
-
-def test_mmap_threshold_is_pinned_unless_the_environment_sets_it(monkeypatch):
-    calls = []
-
-    class Libc:
-        gnu_get_libc_version = object()
-
-        def mallopt(self, param, value):
-            calls.append((param, value))
-
-    monkeypatch.setattr(train_mod.ctypes, "CDLL", lambda name: Libc())
-    monkeypatch.setattr(train_mod.sys, "platform", "linux")
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
-    train_mod.pin_mmap_threshold()
-    assert calls == [(train_mod.M_MMAP_THRESHOLD, train_mod.MMAP_THRESHOLD)]
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
-    train_mod.pin_mmap_threshold()
-    assert len(calls) == 1
