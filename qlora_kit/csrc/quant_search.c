@@ -272,20 +272,6 @@ typedef struct {
     int assigned_at_scale; /* codes were assigned at `scale` (not so for bitsandbytes', assigned at the raw max) */
 } qs_best;
 
-/* Try stored scale `s` (already snapped to level k of its group with double quant); keep it if strictly better,
- * and say so. `dots`: whether a later Lloyd step will want the sums of <x, c> and <c, c> should this one win. */
-QS_INLINE int try_scale(const qs_job *job, const float *x, const float *w, int64_t len, int tail, float s, int k,
-                         int dots, qs_best *best, uint8_t **q, uint8_t **best_q) {
-    if (!(s > 0) || (best->assigned_at_scale && s == best->scale)) return 0; /* the same candidate again */
-    const qs_sums sums = candidate(x, w, len, s, tail, s, job->t, *q, dots);
-    if (!(sums.err < best->sums.err)) return 0;
-    *best = (qs_best){sums, s, k, 1};
-    uint8_t *const won = *q; /* the winner's codes become the best; the old best's buffer takes the next try */
-    *q = *best_q;
-    *best_q = won;
-    return 1;
-}
-
 /* The block's elements in fp32, one loop per dtype so each vectorizes. */
 QS_INLINE void load_block(const void *src, int dtype, int64_t off, int64_t len, float *x) {
     if (dtype == QS_BF16)
@@ -341,9 +327,18 @@ QS_INLINE void next_scale(qs_block *st, float s) {
     st->next = st->lv ? st->lv[st->next_k] : s;
 }
 
+/* Try the block's next scale (next_scale's); keep it if strictly better, and say so. `dots`: whether a later
+ * Lloyd step will want the sums of <x, c> and <c, c> should this one win. */
 QS_INLINE int try_block(const qs_job *job, qs_block *st, int dots) {
-    return try_scale(job, st->x, st->w, st->len, st->tail, st->next, st->next_k, dots, &st->best, &st->q,
-                     &st->best_q);
+    const float s = st->next;
+    if (!(s > 0) || (st->best.assigned_at_scale && s == st->best.scale)) return 0; /* the same candidate again */
+    const qs_sums sums = candidate(st->x, st->w, st->len, s, st->tail, s, job->t, st->q, dots);
+    if (!(sums.err < st->best.sums.err)) return 0;
+    st->best = (qs_best){sums, s, st->next_k, 1};
+    uint8_t *const won = st->q; /* the winner's codes become the best; the old best's buffer takes the next try */
+    st->q = st->best_q;
+    st->best_q = won;
+    return 1;
 }
 
 QS_INLINE void finish_block(const qs_job *job, int64_t b, qs_block *st) {
