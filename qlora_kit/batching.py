@@ -126,6 +126,10 @@ class BatchIterator:
     The state is taken between batches: after a batch is yielded, `state_dict()` names the next one, so a run
     that saves it with its checkpoint and loads it on resume continues with exactly the batches it would have
     seen. Packed rows are built once, so every epoch shuffles the same rows.
+
+    `padding_free` (without packing) yields each batch of examples as one packed row, the examples back to back:
+    the same examples in the same steps as the padded batch, none of its padding. Only for a model whose attention
+    keeps packed examples apart without a row-wide mask (`attention.use_per_example_attention`).
     """
 
     def __init__(
@@ -137,12 +141,14 @@ class BatchIterator:
         packing_len: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        padding_free: bool = False,
     ) -> None:
         if not data.examples:
             raise DataError(f"{data.source}: no examples to batch")
         self.batch_size, self.pad_id, self.seed = batch_size, pad_id, seed
         self.rank, self.world_size = rank, world_size
         self.packed = packing_len > 0
+        self.padding_free = padding_free and not self.packed
         if self.packed:
             rows = pack(data.lengths, packing_len)
             efficiency = packing_efficiency(data.lengths, rows, packing_len)
@@ -185,7 +191,10 @@ class BatchIterator:
             if self.position >= len(order):
                 self.epoch, self.position = self.epoch + 1, 0
             mine, filler = self._share(picked)
-            batch = collate_packed(mine, self.pad_id) if self.packed else collate(mine, self.pad_id)
+            if self.packed:
+                batch = collate_packed(mine, self.pad_id)
+            else:
+                batch = collate_packed([mine], self.pad_id) if self.padding_free else collate(mine, self.pad_id)
             if filler:
                 batch["labels"].fill_(IGNORE_INDEX)
                 batch[FILLER] = torch.ones(())

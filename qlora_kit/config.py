@@ -124,6 +124,11 @@ class Recipe:
     """Recompute each block's activations in backward, trading ~30% compute for most activation memory."""
     packing: bool = False
     """Concatenate several examples per row of max_seq_len (attention stays within each example)."""
+    padding_free: bool = True
+    """Without packing: run each batch as one row of its examples back to back (positions restarting, attention
+    within each example) rather than padded to the longest. The same examples per step and the same loss; the
+    gradients equal to rounding; none of the padding's compute. Applies where the model runs transformers' sdpa
+    (others are padded as before); false pads every batch."""
     tensorboard: bool = False
     """Also write TensorBoard event files to output_dir."""
     on_nonfinite: str = "stop"

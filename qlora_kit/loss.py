@@ -17,10 +17,13 @@ the loss sum is the same terms added in chunks, equal to the last fp32 bits of i
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qlora_kit.attention import packed_rows
 from qlora_kit.data import IGNORE_INDEX
 
 CHUNK_ELEMENTS = 1 << 20
@@ -72,10 +75,12 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     """Summed next-token cross-entropy over trained positions, and how many positions that was."""
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
     keep, targets = trained_positions(batch["labels"])
+    rows = packed_rows() if "seq_ids" in batch else contextlib.nullcontext()  # packed: no row-wide mask built
     inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model  # DDP: forward
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None  # through the wrapper
     if head is None:  # no separate output layer to gather in front of: the plain path
-        logits = model(**inputs, use_cache=False).logits[:, :-1].flatten(0, 1)
+        with rows:
+            logits = model(**inputs, use_cache=False).logits[:, :-1].flatten(0, 1)
         flat = batch["labels"][:, 1:].flatten()
         return cross_entropy_sum(logits[flat != IGNORE_INDEX], flat[flat != IGNORE_INDEX]), int(targets.numel())
 
@@ -84,7 +89,8 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
 
     handle = head.register_forward_pre_hook(gather)
     try:
-        logits = model(**inputs, use_cache=False).logits
+        with rows:
+            logits = model(**inputs, use_cache=False).logits
     finally:
         handle.remove()
     return cross_entropy_sum(logits.reshape(-1, logits.shape[-1]), targets), int(targets.numel())

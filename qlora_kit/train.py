@@ -25,6 +25,7 @@ from tqdm import tqdm
 from qlora_kit import runstate
 from qlora_kit.adapters import AdapterFiles, adapter_state_dict, load_adapter_state
 from qlora_kit.atomic import AtomicDir
+from qlora_kit.attention import use_per_example_attention
 from qlora_kit.batching import FILLER, BatchIterator, eval_batches
 from qlora_kit.config import Recipe, dump_recipe
 from qlora_kit.data import IGNORE_INDEX, build_datasets, chat_template, ensure_pad_token
@@ -149,16 +150,17 @@ class Trainer:
         # saved with the adapter, so inference renders conversations exactly as training did
         self.chat_template = chat_template(self.tokenizer) if recipe.dataset.format == "messages" else None
         self.train_data, self.eval_data = build_datasets(recipe.dataset, self.tokenizer, recipe.max_seq_len, recipe.seed)
-        packing_len = recipe.max_seq_len if recipe.packing else 0
-        self.batches = BatchIterator(self.train_data, recipe.batch_size, self.pad_id, recipe.seed, packing_len,
-                                     self.dist.rank, self.dist.world)
-        self.total_steps = recipe.max_steps or max(
-            1, math.ceil(recipe.epochs * len(self.batches) / recipe.gradient_accumulation_steps)
-        )
         torch.manual_seed(recipe.seed)
         load_device = "cpu" if recipe.distributed.cpu_offload else self.device  # offload: FSDP streams blocks in
         self.model = load_quantized(recipe.model, quant=recipe.quant, lora=recipe.lora, device=load_device,
                                     dtype=self.dtype, trust_remote_code=recipe.trust_remote_code)
+        per_example = use_per_example_attention(self.model)  # packed rows: attention per example, no row mask
+        packing_len = recipe.max_seq_len if recipe.packing else 0
+        self.batches = BatchIterator(self.train_data, recipe.batch_size, self.pad_id, recipe.seed, packing_len,
+                                     self.dist.rank, self.dist.world, padding_free=recipe.padding_free and per_example)
+        self.total_steps = recipe.max_steps or max(
+            1, math.ceil(recipe.epochs * len(self.batches) / recipe.gradient_accumulation_steps)
+        )
         if recipe.gradient_checkpointing and getattr(self.model, "supports_gradient_checkpointing", False):
             enable = getattr(self.model, "activation_checkpointing_enable", None)  # transformers >= 5 name
             if enable is not None:

@@ -270,3 +270,16 @@ def test_float16_trains_with_dynamic_loss_scaling(workspace, tmp_path, capsys):
     state = json.loads((tmp_path / "fp16" / "checkpoints" / "step-4" / "trainer_state.json").read_text())
     assert state["scaler"]["scale"] == trainer.scaler.get_scale()
 
+
+
+def test_batches_are_padding_free_by_default_and_padded_on_request(workspace, tmp_path):
+    """Default: each batch one row of its examples (per-example attention, the same real tokens as the padded
+    batch); `padding_free=false` pads as before; both train the same first-step loss."""
+    free = train_mod.Trainer(_recipe(workspace, tmp_path / "free", "max_steps=1"), progress=False)
+    padded = train_mod.Trainer(_recipe(workspace, tmp_path / "pad", "max_steps=1", "padding_free=false"),
+                               progress=False)
+    a, b = next(iter(free.batches)), next(iter(padded.batches))
+    assert a["input_ids"].shape[0] == 1 and "seq_ids" in a and "attention_mask" in b
+    assert train_mod.real_tokens(a) == train_mod.real_tokens(b) == a["input_ids"].shape[1]
+    loss_a, loss_b = free._step(iter([a])), padded._step(iter([b]))
+    assert loss_a[0] == pytest.approx(loss_b[0], rel=1e-2)  # bf16 compute: equal to its rounding

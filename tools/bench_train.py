@@ -1,7 +1,7 @@
 """Benchmark QLoRA training throughput: qlora_kit's Trainer against a transformers + bitsandbytes + peft loop.
 
 Every run is its own subprocess (a bare interpreter, its own peak memory); runs alternate ours, ours-nopack,
-peer-packed, peer, ours, ... and the table gives medians over --repeats. Each run trains one epoch over the same data; its first step
+ours-padded, peer-packed, peer, ours, ... and the table gives medians over --repeats. Each run trains one epoch over the same data; its first step
 is a warmup and is left out, so tokens/s is (real tokens of steps 2..N) / (their wall time), model load excluded.
 Real tokens are non-padding tokens (prompt and response) that went through the model.
 
@@ -14,7 +14,9 @@ Real tokens are non-padding tokens (prompt and response) that went through the m
 Contenders (same model, data, batch size, max length, LoRA r/alpha on all linear layers, optimizer, gradient
 clipping 0.3, constant lr, bf16 autocast, fp32 LoRA weights, non-reentrant gradient checkpointing per block):
   ours         qlora_kit.train.Trainer(load_recipe({..., "packing": True}))  best-fit packing, attention per example
-  ours-nopack  the same with packing off: padded batches in random order, like the plain peer
+  ours-nopack  the same with packing off, as a user gets it: batches of examples in random order, like the plain
+               peer's, each run as one padding-free row (the default `padding_free: true`)
+  ours-padded  packing off and `padding_free: false`: each batch padded to its longest example, as the plain peer
   peer-packed  the peer at its best: padding-free, transformers' DataCollatorWithFlattening (each step's examples
                flattened into one row with position_ids restarting per example, so attention stays within each
                example), as many shuffled examples per step as fit batch size x max length tokens (ours' packed step)
@@ -56,7 +58,7 @@ from pathlib import Path
 import benchlib
 
 REPO = Path(__file__).resolve().parents[1]
-CONTENDERS = ("ours", "ours-nopack", "peer-packed", "peer")
+CONTENDERS = ("ours", "ours-nopack", "ours-padded", "peer-packed", "peer")
 PEERS = ("peer-packed", "peer")  # the best-configured peer first: ratios are taken against the faster of the two
 DISTRIBUTED = ("ours-fsdp", "ours-ddp")  # with --nproc N: ours on N processes under torchrun, batch per process
 RESULT_MARK = "BENCH_RESULT "
@@ -224,7 +226,7 @@ def build_random_4bit(model_dir: str, *, quant, lora, device, dtype, **_):
     return model
 
 
-def run_ours(args, packing: bool, strategy: str | None = None) -> dict:
+def run_ours(args, packing: bool, strategy: str | None = None, padding_free: bool = True) -> dict:
     """One epoch through the product's Trainer; timing from its own metrics.jsonl (elapsed_s, tokens_seen).
     Under torchrun (`strategy`), every rank trains and rank 0's output directory and metrics are the ones read."""
     import torch
@@ -241,8 +243,8 @@ def run_ours(args, packing: bool, strategy: str | None = None) -> dict:
         recipe = load_recipe({
             "model": str(args.model), "dataset": {"path": str(args.data), "format": "alpaca"},
             "output_dir": out, "epochs": 1.0, "batch_size": args.batch_size, "max_seq_len": args.max_seq_len,
-            "packing": packing, "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": 0.0,
-                                         "target_modules": "all-linear"},
+            "packing": packing, "padding_free": padding_free,
+            "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": 0.0, "target_modules": "all-linear"},
             "optimizer": args.optimizer, "learning_rate": LEARNING_RATE, "lr_scheduler": "constant",
             "max_grad_norm": MAX_GRAD_NORM, "gradient_checkpointing": True, "compute_dtype": "bfloat16",
             "logging_steps": 1, "seed": args.seed, "distributed": {"strategy": strategy or "fsdp"},
@@ -382,7 +384,7 @@ def run_child(args) -> None:
     elif args.child in DISTRIBUTED:
         result = run_ours(args, packing=True, strategy=args.child.removeprefix("ours-"))
     else:
-        result = run_ours(args, packing=args.child == "ours")
+        result = run_ours(args, packing=args.child == "ours", padding_free=args.child != "ours-padded")
     # every rank reports its own peak (the other ranks only that); the parent reads them all from torchrun's stdout
     result.update(peak_gib=_peak_memory_gib(args.device), rank=int(os.environ.get("RANK", "0")))
     print(RESULT_MARK + json.dumps(result), flush=True)
