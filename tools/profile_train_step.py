@@ -20,11 +20,10 @@ import bench_train  # noqa: E402
 
 # operator name prefixes -> group; the rest is "other" (elementwise ops, norms, rotary, copies, Python overhead)
 GROUPS = {
-    "matmul (base dequantized W, LoRA A/B, LM head)": ("aten::mm", "aten::addmm", "aten::matmul",
+    "matmul (base dequantized W, LoRA A/B, LM head)": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul",
                                                       "aten::linear"),
     "4-bit dequantize (forward, recompute, backward)": ("dequantize",),
-    "attention": ("aten::_scaled_dot_product", "aten::scaled_dot_product", "_ShortCausal", "aten::bmm",
-                  "aten::baddbmm", "aten::_softmax"),
+    "attention": ("aten::_scaled_dot_product", "aten::scaled_dot_product"),
     "cross-entropy": ("aten::_log_softmax", "aten::log_softmax", "aten::nll_loss", "_ChunkedCrossEntropy"),
     "optimizer": ("Optimizer.step", "aten::_foreach", "aten::lerp", "aten::addcdiv"),
     "dtype casts": ("aten::to", "aten::_to_copy", "aten::copy_"),
