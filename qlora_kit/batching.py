@@ -193,8 +193,10 @@ class BatchIterator:
             mine, filler = self._share(picked)
             if self.packed:
                 batch = collate_packed(mine, self.pad_id)
+            elif self.padding_free:
+                batch = collate_packed([mine], self.pad_id)  # one row: the batch's examples back to back
             else:
-                batch = collate_packed([mine], self.pad_id) if self.padding_free else collate(mine, self.pad_id)
+                batch = collate(mine, self.pad_id)
             if filler:
                 batch["labels"].fill_(IGNORE_INDEX)
                 batch[FILLER] = torch.ones(())

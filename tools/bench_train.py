@@ -1,9 +1,10 @@
 """Benchmark QLoRA training throughput: qlora_kit's Trainer against a transformers + bitsandbytes + peft loop.
 
 Every run is its own subprocess (a bare interpreter, its own peak memory); runs alternate ours, ours-nopack,
-ours-padded, peer-packed, peer, ours, ... and the table gives medians over --repeats. Each run trains one epoch over the same data; its first step
-is a warmup and is left out, so tokens/s is (real tokens of steps 2..N) / (their wall time), model load excluded.
-Real tokens are non-padding tokens (prompt and response) that went through the model.
+ours-padded, peer-packed, peer, ours, ... and the table gives medians over --repeats. Each run trains one epoch
+over the same data; its first step is a warmup and is left out, so tokens/s is (real tokens of steps 2..N) /
+(their wall time), model load excluded. Real tokens are non-padding tokens (prompt and response) that went
+through the model.
 
     python tools/bench_train.py                          # CPU, a Llama-shaped random model, 128 synthetic rows
     python tools/bench_train.py --repeats 3 --rows 256 --json /tmp/train.json
