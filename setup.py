@@ -1,10 +1,10 @@
 """Build hook: the package itself is declared in pyproject.toml; native kernels are added here.
 
-`qlora_kit._quant4` (quantize / dequantize), `qlora_kit._quant_search` (scale search) and `qlora_kit._gemv4`
-(the 4-bit decode matmul) are plain C
-libraries (no Python API) that qlora_kit/_native.py loads with ctypes. They are optional: without a working C
-compiler with OpenMP the package still installs, with a warning, and runs the torch paths instead -- the same
-bits for quantize / dequantize, slower; decode dequantizes W per token.
+`qlora_kit._quant4` (quantize / dequantize), `qlora_kit._quant_search` (scale search), `qlora_kit._gemv4`
+(the 4-bit decode matmul) and `qlora_kit._xent` (the training loss's cross-entropy) are plain C libraries (no
+Python API) that qlora_kit/_native.py loads with ctypes. They are optional: without a working C compiler with
+OpenMP the package still installs, with a warning, and runs the torch paths instead -- the same bits for
+quantize / dequantize, slower; decode dequantizes W per token; the loss runs torch's cross-entropy in chunks.
 """
 
 import os
@@ -41,6 +41,15 @@ _GEMV4 = Extension(
     "qlora_kit._gemv4",
     sources=["qlora_kit/csrc/gemv4.c", "qlora_kit/csrc/gemv16.c"],
     depends=["qlora_kit/csrc/fpbits.h", "qlora_kit/csrc/parallel.h", "qlora_kit/csrc/gemv.h"],
+    extra_compile_args=_CFLAGS,
+    extra_link_args=["-fopenmp"],
+)
+
+
+_XENT = Extension(  # the training loss's cross-entropy (qlora_kit/loss.py)
+    "qlora_kit._xent",
+    sources=["qlora_kit/csrc/xent.c"],
+    depends=["qlora_kit/csrc/fpbits.h", "qlora_kit/csrc/parallel.h"],
     extra_compile_args=_CFLAGS,
     extra_link_args=["-fopenmp"],
 )
@@ -91,4 +100,4 @@ def _skip(err: Exception) -> None:
     warnings.warn(f"qlora_kit: native 4-bit kernels not built ({err}); using the slower torch path", stacklevel=2)
 
 
-setup(ext_modules=[_QUANT4, _QUANT_SEARCH, _GEMV4], cmdclass={"build_ext": OptionalBuildExt})
+setup(ext_modules=[_QUANT4, _QUANT_SEARCH, _GEMV4, _XENT], cmdclass={"build_ext": OptionalBuildExt})

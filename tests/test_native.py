@@ -400,6 +400,9 @@ def test_native_kernels_are_built_where_required():
         pytest.skip("QLORA_KIT_REQUIRE_NATIVE is not set (make test sets it)")
     assert _native.HAVE_NATIVE, _native.UNAVAILABLE
     assert _native.HAVE_GEMV, _native.load_library("_gemv4", "g4_abi_version", _native.GEMV_ABI_VERSION)[1]
+    from qlora_kit import loss
+
+    assert loss._XENT is not None, _native.load_library("_xent", "xe_abi_version", loss.XENT_ABI_VERSION)[1]
 
 
 def _build(tmp_path, source: str, *flags: str):

@@ -24,7 +24,8 @@ GROUPS = {
                                                       "aten::linear"),
     "4-bit dequantize (forward, recompute, backward)": ("dequantize",),
     "attention": ("aten::_scaled_dot_product", "aten::scaled_dot_product"),
-    "cross-entropy": ("aten::_log_softmax", "aten::log_softmax", "aten::nll_loss", "_ChunkedCrossEntropy"),
+    "cross-entropy": ("aten::_log_softmax", "aten::log_softmax", "aten::nll_loss", "_ChunkedCrossEntropy",
+                      "_NativeCrossEntropy"),
     "optimizer": ("Optimizer.step", "aten::_foreach", "aten::lerp", "aten::addcdiv"),
     "dtype casts": ("aten::to", "aten::_to_copy", "aten::copy_"),
 }
