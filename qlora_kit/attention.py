@@ -13,8 +13,8 @@ no padding, and no window shorter than the row, is not built (None), and the att
 examples from the position_ids it is passed -- in forward and again in checkpointing's recompute, which runs
 outside the context but reuses the forward's None. Everything else -- a padded batch, eval, a sliding or chunked
 window -- gets sdpa with sdpa's mask: the same result as before, bit for bit. A packed row's result is the same
-attention, the softmax over the same keys, with the kernel's blocks grouped otherwise: equal to the masked one to
-rounding (tests hold it so).
+attention, the softmax over the same keys, with the kernel's blocks grouped otherwise (and short examples'
+through `_ShortCausal`): equal to the masked one to rounding (tests hold it so).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from qlora_kit.batching import packed_attention_mask
 from qlora_kit.errors import ConfigError
+from qlora_kit.lora import saves_under_checkpoint
 
 PER_EXAMPLE = "qlora_kit_per_example_sdpa"
 """The attention implementation's name in transformers' registries."""
@@ -95,11 +96,81 @@ def per_example_sdpa(
     return _attend_per_example(module, query, key, value, spans, kwargs), None
 
 
+SHORT = 191
+"""Examples up to this many tokens take `_ShortCausal` on the CPU (in checkpointed blocks, with gradients). torch
+2.13's CPU flash kernel is at its slowest below 192 tokens (its query blocks grow there): at SmolLM2's 9 heads of
+64, forward and backward of 4 examples took 7.0 ms here against its 15.4 at 171 tokens, 3.4 against 7.7 at 100;
+at 192 and above the two were even or the flash kernel ahead (`python tools/bench_attention.py`)."""
+
+SHORT_CHUNK_BYTES = 64 << 20
+"""Examples go through `_ShortCausal` in chunks whose fp32 probabilities (heads x L² each) stay under this."""
+
+
+class _ShortCausal(torch.autograd.Function):
+    """Causal attention of short examples as plain batched matmuls, [n, heads, L, d] in and out.
+
+    torch's CPU flash kernel works in blocks of up to 512 keys, so below that it computes the whole square and
+    pays its blocking overhead for little work; its backward is the larger part of a short-example training
+    step's attention. Here the scores are one fp32 matmul per key head (grouped query heads ride along as rows:
+    no repeat of k and v), softmax and P·V in fp32, and P is saved for backward, whose five products round P and
+    dS to bf16 for dV, dQ and dK -- as the flash kernel does -- and keep the scores' gradient dP in fp32. Against
+    an fp64 reference its errors are the flash kernel's to within a tenth (dQ) and smaller for the output, dK and
+    dV (tests/test_attention.py). Saving P (fp32, heads x L² per example) is what limits it to short examples and
+    to checkpointed blocks, where only the block being recomputed holds it."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        n, heads, length, dim = q.shape
+        groups = k.shape[1]
+        rows = (n, groups, heads // groups * length, dim)
+        above = torch.full((length, length), float("-inf"), device=q.device).triu_(1).repeat(rows[2] // length, 1)
+        with torch.autocast(q.device.type, enabled=False):
+            s = torch.baddbmm(above, q.reshape(rows).flatten(0, 1).float(), k.float().flatten(0, 1).transpose(-1, -2),
+                              alpha=scale)  # scale x scores, -inf above the diagonal: one call
+            p = torch.softmax(s, dim=-1).view(n, groups, -1, length)
+            out = torch.matmul(p, v.float()).to(q.dtype)
+        ctx.save_for_backward(q, k, v, p, out)
+        ctx.scale = scale
+        return out.view(n, heads, length, dim)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        q, k, v, p, out = ctx.saved_tensors
+        rows = out.shape
+        g = grad.reshape(rows)
+        p16 = p.to(q.dtype)
+        dv = torch.matmul(p16.transpose(-1, -2), g)
+        dp = torch.matmul(g.float(), v.float().transpose(-1, -2))
+        dp.sub_((g.float() * out.float()).sum(-1, keepdim=True)).mul_(p).mul_(ctx.scale)
+        ds = dp.to(q.dtype)
+        dq = torch.matmul(ds, k).view(q.shape)
+        dk = torch.matmul(ds.transpose(-1, -2), q.reshape(rows))
+        return dq, dk, dv, None
+
+
+def _short_causal_applies(query: torch.Tensor, kwargs: dict) -> bool:
+    return (query.device.type == "cpu" and query.shape[2] <= SHORT and not kwargs.get("dropout")
+            and query.dtype in (torch.bfloat16, torch.float16, torch.float32) and torch.is_grad_enabled()
+            and query.requires_grad and saves_under_checkpoint())
+
+
+def _causal(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+            kwargs: dict) -> torch.Tensor:
+    """Causal attention of [n, heads, L, d] examples of one length L -> [n, L, heads, d]."""
+    if _short_causal_applies(query, kwargs):
+        scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        per = max(1, SHORT_CHUNK_BYTES // (4 * query.shape[1] * query.shape[2] ** 2))
+        outs = [_ShortCausal.apply(query[i:i + per], key[i:i + per], value[i:i + per], scale)
+                for i in range(0, query.shape[0], per)]
+        return (outs[0] if len(outs) == 1 else torch.cat(outs)).transpose(1, 2).contiguous()
+    rest = {k: v for k, v in kwargs.items() if k != "is_causal"}
+    return sdpa_attention_forward(module, query, key, value, None, is_causal=True, **rest)[0]
+
+
 def _attend_per_example(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         spans: list[list[tuple[int, int]]], kwargs: dict) -> torch.Tensor:
     """Causal SDPA per example, the examples of one length stacked into one call (uniform data: one call in all,
     as its padded batch would make), reassembled in row order: [b, T, heads, d]."""
-    rest = {k: v for k, v in kwargs.items() if k != "is_causal"}
     examples = [(b, s, e) for b, row in enumerate(spans) for s, e in row]
     by_length: dict[int, list[int]] = {}
     for i, (_, s, e) in enumerate(examples):
@@ -111,8 +182,7 @@ def _attend_per_example(module: nn.Module, query: torch.Tensor, key: torch.Tenso
         return views[0] if len(views) == 1 else torch.cat(views)
 
     for members in by_length.values():
-        out = sdpa_attention_forward(module, stacked(query, members), stacked(key, members),
-                                     stacked(value, members), None, is_causal=True, **rest)[0]
+        out = _causal(module, stacked(query, members), stacked(key, members), stacked(value, members), kwargs)
         for j, i in enumerate(members):
             parts[i] = out[j:j + 1]
     rows = [torch.cat([p for p, (b, _, _) in zip(parts, examples) if b == row], dim=1) for row in range(len(spans))]

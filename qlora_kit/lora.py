@@ -90,7 +90,7 @@ class _Dequant4bitLinear(torch.autograd.Function):
         return grad_out @ ctx.qweight.dequantize(grad_out.dtype), None, None
 
 
-def _checkpointing() -> bool:
+def saves_under_checkpoint() -> bool:
     """Whether the tensors saved now go through torch's non-reentrant checkpoint hooks: dropped after the first
     forward, and kept only from a block's recomputation to its backward. Saving the dequantized W there costs one
     block's W at a time and spares backward a third dequantize; saved elsewhere it would keep every layer's W."""
@@ -127,7 +127,7 @@ class _LoraTrainLinear(torch.autograd.Function):
         d = F.linear(h, b_used)
         if not fold:
             d = d * scale
-        keep_w = _checkpointing()
+        keep_w = saves_under_checkpoint()
         ctx.save_for_backward(x, h, a16, b_used, wa[:out_f] if keep_w else None)
         ctx.qweight, ctx.scale, ctx.fold = qweight, scale, fold
         return d.add_(y[..., :out_f])  # into d, this function's own: one [rows, out] allocation fewer

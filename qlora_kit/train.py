@@ -36,7 +36,7 @@ from qlora_kit.lora import lora_parameters, quant_state_parameters
 from qlora_kit.loss import token_loss_sum
 from qlora_kit.metrics import MetricsLog
 from qlora_kit.optim import make_optimizer, make_scheduler
-from qlora_kit.device import load_tokenizer, resolve_device, resolve_dtype
+from qlora_kit.device import keep_freed_memory, load_tokenizer, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,8 @@ class Trainer:
         self.device = self.dist.device
         self.optimizer_name = self.dist.optimizer_name(recipe.optimizer)
         self.dtype = resolve_dtype(recipe.compute_dtype, self.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # a step frees and allocates the same tensors again: reuse, don't refault them
         read_config(Path(recipe.model), recipe.trust_remote_code)  # a broken config.json, named as such, first
         self.tokenizer = load_tokenizer(recipe.model, recipe.trust_remote_code)
         self.pad_id = ensure_pad_token(self.tokenizer)

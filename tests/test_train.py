@@ -283,3 +283,23 @@ def test_batches_are_padding_free_by_default_and_padded_on_request(workspace, tm
     assert train_mod.real_tokens(a) == train_mod.real_tokens(b) == a["input_ids"].shape[1]
     loss_a, loss_b = free._step(iter([a])), padded._step(iter([b]))
     assert loss_a[0] == pytest.approx(loss_b[0], rel=1e-2)  # bf16 compute: equal to its rounding
+
+
+def test_a_cpu_trainer_keeps_freed_memory_for_reuse(monkeypatch):
+    """glibc's mallopt is called with the kit's limits (mmap threshold, then trim threshold at twice it)."""
+    import ctypes
+
+    from qlora_kit import device
+
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
+    assert device.keep_freed_memory()
+    assert calls == [(-3, device.MALLOC_KEEP_BYTES), (-1, 2 * device.MALLOC_KEEP_BYTES)]
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: (_ for _ in ()).throw(OSError("no libc")))
+    assert not device.keep_freed_memory()

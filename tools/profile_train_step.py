@@ -20,10 +20,11 @@ import bench_train  # noqa: E402
 
 # operator name prefixes -> group; the rest is "other" (elementwise ops, norms, rotary, copies, Python overhead)
 GROUPS = {
-    "matmul (base dequantized W, LoRA A/B, LM head)": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul",
+    "matmul (base dequantized W, LoRA A/B, LM head)": ("aten::mm", "aten::addmm", "aten::matmul",
                                                       "aten::linear"),
     "4-bit dequantize (forward, recompute, backward)": ("dequantize",),
-    "attention": ("aten::_scaled_dot_product", "aten::scaled_dot_product"),
+    "attention": ("aten::_scaled_dot_product", "aten::scaled_dot_product", "_ShortCausal", "aten::bmm",
+                  "aten::baddbmm", "aten::_softmax"),
     "cross-entropy": ("aten::_log_softmax", "aten::log_softmax", "aten::nll_loss", "_ChunkedCrossEntropy",
                       "_NativeCrossEntropy"),
     "optimizer": ("Optimizer.step", "aten::_foreach", "aten::lerp", "aten::addcdiv"),
