@@ -99,8 +99,11 @@ def per_example_sdpa(
 SHORT = 191
 """Examples up to this many tokens take `_ShortCausal` on the CPU (in checkpointed blocks, with gradients). torch
 2.13's CPU flash kernel is at its slowest below 192 tokens (its query blocks grow there): at SmolLM2's 9 heads of
-64, forward and backward of 4 examples took 7.0 ms here against its 15.4 at 171 tokens, 3.4 against 7.7 at 100;
-at 192 and above the two were even or the flash kernel ahead (`python tools/bench_attention.py`)."""
+64, forward and backward of 4 examples took 7.6 ms here against its 17.7 at 171 tokens, 1.6 against 4.3 at 64.
+With the Trainer's allocator limits (`device.keep_freed_memory`) it stays ahead to 512 tokens (14.6 against 20.1
+ms at 256, 56.7 against 69.5 at 512: `python tools/bench_attention.py`), but its saved P grows as heads x L² fp32
+per example (a 32-head model's 512-token example: 32 MiB, per block being recomputed), where the flash kernel
+saves only its output; the gain is largest, and P smallest, below 192."""
 
 SHORT_CHUNK_BYTES = 64 << 20
 """Examples go through `_ShortCausal` in chunks whose fp32 probabilities (heads x L² each) stay under this."""

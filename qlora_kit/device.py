@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -53,7 +54,10 @@ def keep_freed_memory() -> bool:
     allocation faults its pages in again: on the 2-core host a SmolLM2 step of 680 tokens ran 2.60 s with these
     limits against 3.06-3.21 s without, in separate processes (tools/bench_train.py measures the peak RSS too).
     The limits replace glibc's moving ones (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD); larger tensors are still
-    mapped and returned as before."""
+    mapped and returned as before. A user's own MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ win: with either
+    in the environment, glibc is left as they set it."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        return False
     import ctypes
     import ctypes.util
 

@@ -286,7 +286,8 @@ def test_batches_are_padding_free_by_default_and_padded_on_request(workspace, tm
 
 
 def test_a_cpu_trainer_keeps_freed_memory_for_reuse(monkeypatch):
-    """glibc's mallopt is called with the kit's limits (mmap threshold, then trim threshold at twice it)."""
+    """glibc's mallopt is called with the kit's limits (mmap threshold, then trim threshold at twice it), unless
+    the user set glibc's own variables."""
     import ctypes
 
     from qlora_kit import device
@@ -299,7 +300,12 @@ def test_a_cpu_trainer_keeps_freed_memory_for_reuse(monkeypatch):
             return 1
 
     monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
     assert device.keep_freed_memory()
     assert calls == [(-3, device.MALLOC_KEEP_BYTES), (-1, 2 * device.MALLOC_KEEP_BYTES)]
     monkeypatch.setattr(ctypes, "CDLL", lambda name: (_ for _ in ()).throw(OSError("no libc")))
     assert not device.keep_freed_memory()
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")  # the user's own setting wins
+    assert not device.keep_freed_memory() and len(calls) == 2

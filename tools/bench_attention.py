@@ -4,8 +4,9 @@
     python tools/bench_attention.py                      # SmolLM2-135M's heads: 9 query, 3 key/value, 64 wide
     python tools/bench_attention.py --heads 32 --kv-heads 8 --dim 128 --lengths 64 128 256 512
 
-bf16 inputs, best of --repeats runs of each, interleaved; the error columns are the norm of the difference to an
-fp64 reference of the q/k/v gradients over the norm of the reference (worst of the three).
+bf16 inputs, glibc's thresholds as the Trainer sets them, best of --repeats runs of each, interleaved; the error
+columns are the norm of the difference to an fp64 reference of the q/k/v gradients over the norm of the reference
+(worst of the three).
 """
 
 import argparse
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qlora_kit.attention import _ShortCausal  # noqa: E402
+from qlora_kit.device import keep_freed_memory  # noqa: E402
 
 
 def run(fn, q, k, v, grad):
@@ -48,6 +50,7 @@ def main(argv=None) -> int:
     p.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 171, 256, 384, 512])
     p.add_argument("--repeats", type=int, default=7)
     args = p.parse_args(argv)
+    keep_freed_memory()  # as the Trainer runs: without it, fresh mmaps of the fp32 scores swing the timings
     print(f"| tokens | flash ms | short ms | flash / short | flash err | short err |  ({args.examples} examples, "
           f"{args.heads}/{args.kv_heads} heads of {args.dim}, {torch.get_num_threads()} threads)\n|---:|---:|---:|---:|---:|---:|")
     for length in args.lengths:
