@@ -39,11 +39,12 @@ enum { XE_MIN_PER_THREAD = 1 << 16 }; /* logits per thread below which a second 
 
 int xe_abi_version(void) { return XE_ABI_VERSION; }
 
+/* Helpers are forced inline, so each target clone below compiles them for its own instruction set. */
+#define XE_INLINE static inline __attribute__((always_inline))
+
 /* e^x for x <= 0 (x - max is never above 0), 0 below the smallest normal float's log (torch gives a subnormal
  * or 0 there: nothing a softmax can tell apart). Cody-Waite reduction by ln 2 and Cephes' degree-6 polynomial;
  * the rounding to n is the 1.5 * 2^23 trick, exact in IEEE order. Branch-free, so gcc vectorizes callers. */
-#define XE_INLINE static inline __attribute__((always_inline))
-
 XE_INLINE float exp_nonpositive(float x) {
     const float lo = -87.33654f;                      /* ln(2^-126) */
     const float xc = x < lo ? lo : x;
@@ -73,7 +74,8 @@ XE_INLINE void store(void *dst, int dtype, int64_t i, float v) {
     else ((float *)dst)[i] = v;
 }
 
-/* One row's max and sum of exp(x - max), over 16 lanes; the tail (vocab % 16) goes to the lanes in turn. */
+/* One row's max and sum of exp(x - max), over 16 lanes; the tail (vocab % 16) goes to lane 0 for the max and
+ * to the lanes in turn for the sum. */
 XE_INLINE void row_stats(const void *row, int dtype, int64_t vocab, float *max_out, float *sum_out) {
     float m[XE_LANES], s[XE_LANES];
     for (int l = 0; l < XE_LANES; l++) m[l] = -INFINITY, s[l] = 0.0f;
