@@ -22,7 +22,7 @@ _CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-fast-math", "-std=gnu11
 _QUANT4 = Extension(
     "qlora_kit._quant4",
     sources=["qlora_kit/csrc/quant4.c"],
-    depends=["qlora_kit/csrc/fpbits.h", "qlora_kit/csrc/parallel.h"],
+    depends=["qlora_kit/csrc/clones.h", "qlora_kit/csrc/fpbits.h", "qlora_kit/csrc/parallel.h"],
     extra_compile_args=_CFLAGS,
     extra_link_args=["-fopenmp"],
 )
@@ -30,7 +30,7 @@ _QUANT4 = Extension(
 _QUANT_SEARCH = Extension(  # scale search (qlora_kit/quant_search.py), the same rounding rules
     "qlora_kit._quant_search",
     sources=["qlora_kit/csrc/quant_search.c"],
-    depends=["qlora_kit/csrc/fpbits.h", "qlora_kit/csrc/parallel.h"],
+    depends=["qlora_kit/csrc/clones.h", "qlora_kit/csrc/fpbits.h", "qlora_kit/csrc/parallel.h"],
     extra_compile_args=_CFLAGS,
     extra_link_args=["-fopenmp"],
 )
@@ -49,7 +49,7 @@ _GEMV4 = Extension(
 _XENT = Extension(  # the training loss's cross-entropy (qlora_kit/loss.py)
     "qlora_kit._xent",
     sources=["qlora_kit/csrc/xent.c"],
-    depends=["qlora_kit/csrc/fpbits.h", "qlora_kit/csrc/parallel.h"],
+    depends=["qlora_kit/csrc/clones.h", "qlora_kit/csrc/fpbits.h", "qlora_kit/csrc/parallel.h"],
     extra_compile_args=_CFLAGS,
     extra_link_args=["-fopenmp"],
 )

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qlora_kit._native import load_library
+from qlora_kit._native import _DTYPE_CODES, load_library
 from qlora_kit.attention import packed_rows
 from qlora_kit.data import IGNORE_INDEX
 
@@ -65,7 +65,6 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
 
 XENT_ABI_VERSION = 1
 """csrc/xent.c's XE_ABI_VERSION."""
-_XENT_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def _load_xent() -> ctypes.CDLL | None:
@@ -91,7 +90,7 @@ class _NativeCrossEntropy(torch.autograd.Function):
         rows, vocab = logits.shape
         stats = torch.empty(rows, 2)
         losses = torch.empty(rows)
-        if _XENT.xe_forward(logits.data_ptr(), _XENT_DTYPES[logits.dtype], rows, vocab, targets.data_ptr(),
+        if _XENT.xe_forward(logits.data_ptr(), _DTYPE_CODES[logits.dtype], rows, vocab, targets.data_ptr(),
                             stats.data_ptr(), losses.data_ptr(), torch.get_num_threads()):
             raise IndexError(f"cross-entropy: a target is outside [0, {vocab}), the logits' vocabulary")
         ctx.save_for_backward(logits, targets, stats)
@@ -101,14 +100,14 @@ class _NativeCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         logits, targets, stats = ctx.saved_tensors
         out = torch.empty_like(logits)
-        _XENT.xe_backward(logits.data_ptr(), _XENT_DTYPES[logits.dtype], logits.shape[0], logits.shape[1],
+        _XENT.xe_backward(logits.data_ptr(), _DTYPE_CODES[logits.dtype], logits.shape[0], logits.shape[1],
                           targets.data_ptr(), stats.data_ptr(), float(grad), out.data_ptr(), torch.get_num_threads())
         return out, None
 
 
 def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """sum over rows of -log softmax(logits)[target], fp32, for [N, V] logits in any float dtype."""
-    if _XENT is not None and logits.is_cpu and logits.dtype in _XENT_DTYPES and logits.dim() == 2:
+    if _XENT is not None and logits.is_cpu and logits.dtype in _DTYPE_CODES and logits.dim() == 2:
         return _NativeCrossEntropy.apply(logits, targets)
     rows = max(1, CHUNK_ELEMENTS // max(logits.shape[-1], 1))
     return _ChunkedCrossEntropy.apply(logits, targets, rows)

@@ -22,6 +22,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "clones.h"
 #include "fpbits.h"
 #include "parallel.h"
 
@@ -34,15 +35,6 @@
 
 #define Q4_ABI_VERSION 1
 
-/* The x86-64-vN names exist from GCC 11 on; setup.py also probes the compiler and defines Q4_NO_CLONES when
- * it rejects them (an older gcc, a cross compiler). Without clones the kernels are built for the baseline
- * only: the same bits, slower. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) && __GNUC__ >= 11 \
-    && !defined(Q4_NO_CLONES)
-#define Q4_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "arch=x86-64-v2", "default")))
-#else
-#define Q4_CLONES
-#endif
 
 int q4_abi_version(void) { return Q4_ABI_VERSION; }
 
@@ -144,7 +136,7 @@ static float other_block(const void *src, int dtype, int64_t off, int64_t len, i
                                                 : other_block(src, DT, off, len, len < bs, t, packed); \
     }
 
-Q4_CLONES
+KERNEL_CLONES
 static void quant_range(const void *src, int dtype, int64_t n, int64_t bs, int64_t b0, int64_t b1,
                         const q4_table *table, uint8_t *restrict packed, float *restrict absmax) {
     const q4_table local = *table, *t = &local; /* a private copy, so the byte stores cannot alias it */
@@ -223,7 +215,7 @@ static inline void lookup_f32(const uint8_t *in, int64_t len, const float table[
 
 /* Each block has only 16 possible outputs, code[k] * absmax: the same fp32 product bitsandbytes forms per
  * element, formed and rounded once per block here, so the element loop is a table lookup. */
-Q4_CLONES
+KERNEL_CLONES
 static void dequant_range(const uint8_t *restrict packed, const float *restrict absmax, int64_t n, int64_t bs,
                           int64_t b0, int64_t b1, const float *code, int dtype, void *restrict dst) {
     for (int64_t b = b0; b < b1; b++) {
@@ -364,7 +356,7 @@ static inline void q8_block(const float *x, int64_t len, const uint8_t *lut, uin
     }
 }
 
-Q4_CLONES
+KERNEL_CLONES
 static void q8_quant_range(const float *src, int64_t n, int64_t bs, int64_t b0, int64_t b1, const uint8_t *lut,
                            uint8_t *out, float *absmax) {
     for (int64_t b = b0; b < b1; b++) {
@@ -373,7 +365,7 @@ static void q8_quant_range(const float *src, int64_t n, int64_t bs, int64_t b0, 
     }
 }
 
-Q4_CLONES
+KERNEL_CLONES
 static void q8_dequant_range(const uint8_t *restrict q, const float *restrict absmax, int64_t n, int64_t bs,
                              int64_t b0, int64_t b1, const float *restrict code, float offset,
                              float *restrict out) {

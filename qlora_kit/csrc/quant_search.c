@@ -27,6 +27,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "clones.h"
 #include "fpbits.h"
 #include "parallel.h"
 
@@ -34,11 +35,6 @@
 #include <omp.h>
 #endif
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define QS_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "arch=x86-64-v2", "default")))
-#else
-#define QS_CLONES
-#endif
 /* Inlined into each clone, so the hot loops are compiled for every instruction set the clones target. */
 #define QS_INLINE static inline __attribute__((always_inline))
 
@@ -379,7 +375,7 @@ QS_INLINE void search_chunk(const qs_job *job, int64_t b0, int count, float *x, 
     for (int g = 0; g < count; g++) finish_block(job, b0 + g, st + g);
 }
 
-QS_CLONES
+KERNEL_CLONES
 static void search_range(const qs_job *job, int64_t b0, int64_t b1) {
     float x[QS_MAX_BLOCK], wbuf[QS_MAX_BLOCK], ones[QS_MAX_BLOCK];
     uint8_t q[QS_MAX_BLOCK / 2], best_q[QS_MAX_BLOCK / 2];
@@ -390,7 +386,7 @@ static void search_range(const qs_job *job, int64_t b0, int64_t b1) {
         search_chunk(job, b, b1 - b < chunk ? (int)(b1 - b) : chunk, x, wbuf, ones, q, best_q);
 }
 
-QS_CLONES
+KERNEL_CLONES
 static void absmax_range(const void *src, int dtype, int64_t n, int64_t bs, int64_t b0, int64_t b1, float *out) {
     float x[QS_MAX_BLOCK];
     for (int64_t b = b0; b < b1; b++) {

@@ -21,17 +21,12 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "clones.h"
 #include "fpbits.h"
 #include "parallel.h"
 
 #define XE_ABI_VERSION 1
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) && __GNUC__ >= 11 \
-    && !defined(Q4_NO_CLONES)
-#define XE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "arch=x86-64-v2", "default")))
-#else
-#define XE_CLONES
-#endif
 
 enum { XE_F32 = 0, XE_BF16 = 1, XE_F16 = 2 };
 enum { XE_LANES = 16 };               /* partial sums and maxima: one AVX-512 register's floats */
@@ -132,7 +127,7 @@ XE_INLINE void backward_body(const void *restrict logits, const int dtype, int64
     }
 }
 
-XE_CLONES
+KERNEL_CLONES
 static void forward_rows(const void *logits, int dtype, int64_t vocab, const int64_t *targets, int64_t r0,
                          int64_t r1, float *stats, float *loss) {
     if (dtype == XE_BF16) forward_body(logits, XE_BF16, vocab, targets, r0, r1, stats, loss);
@@ -140,7 +135,7 @@ static void forward_rows(const void *logits, int dtype, int64_t vocab, const int
     else forward_body(logits, XE_F32, vocab, targets, r0, r1, stats, loss);
 }
 
-XE_CLONES
+KERNEL_CLONES
 static void backward_rows(const void *logits, int dtype, int64_t vocab, const int64_t *targets, const float *stats,
                           float grad, int64_t r0, int64_t r1, void *out) {
     if (dtype == XE_BF16) backward_body(logits, XE_BF16, vocab, targets, stats, grad, r0, r1, out);
