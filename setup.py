@@ -1,10 +1,11 @@
 """Build hook: the package itself is declared in pyproject.toml; native kernels are added here.
 
 `qlora_kit._quant4` (quantize / dequantize), `qlora_kit._quant_search` (scale search), `qlora_kit._gemv4`
-(the 4-bit decode matmul) and `qlora_kit._xent` (the training loss's cross-entropy) are plain C libraries (no
-Python API) that qlora_kit/_native.py loads with ctypes. They are optional: without a working C compiler with
-OpenMP the package still installs, with a warning, and runs the torch paths instead -- the same bits for
-quantize / dequantize, slower; decode dequantizes W per token; the loss runs torch's cross-entropy in chunks.
+(the 4-bit decode matmul), `qlora_kit._xent` (the training loss's cross-entropy) and `qlora_kit._rmsnorm` (RMSNorm
+in training) are plain C libraries (no Python API) loaded with ctypes. They are optional:
+without a working C compiler with OpenMP the package still installs, with a warning, and runs the torch paths
+instead -- the same bits for quantize / dequantize, slower; decode dequantizes W per token; the loss runs torch's
+cross-entropy in chunks; norms run transformers' own code.
 """
 
 import os
@@ -49,7 +50,18 @@ _GEMV4 = Extension(
 _XENT = Extension(  # the training loss's cross-entropy (qlora_kit/loss.py)
     "qlora_kit._xent",
     sources=["qlora_kit/csrc/xent.c"],
-    depends=["qlora_kit/csrc/clones.h", "qlora_kit/csrc/fpbits.h", "qlora_kit/csrc/parallel.h"],
+    depends=["qlora_kit/csrc/clones.h", "qlora_kit/csrc/fpbits.h", "qlora_kit/csrc/parallel.h",
+             "qlora_kit/csrc/vecmath.h"],
+    extra_compile_args=_CFLAGS,
+    extra_link_args=["-fopenmp"],
+)
+
+
+_RMSNORM = Extension(  # RMSNorm for training (qlora_kit/rmsnorm.py)
+    "qlora_kit._rmsnorm",
+    sources=["qlora_kit/csrc/rmsnorm.c"],
+    depends=["qlora_kit/csrc/clones.h", "qlora_kit/csrc/fpbits.h", "qlora_kit/csrc/parallel.h",
+             "qlora_kit/csrc/vecmath.h"],
     extra_compile_args=_CFLAGS,
     extra_link_args=["-fopenmp"],
 )
@@ -100,4 +112,4 @@ def _skip(err: Exception) -> None:
     warnings.warn(f"qlora_kit: native 4-bit kernels not built ({err}); using the slower torch path", stacklevel=2)
 
 
-setup(ext_modules=[_QUANT4, _QUANT_SEARCH, _GEMV4, _XENT], cmdclass={"build_ext": OptionalBuildExt})
+setup(ext_modules=[_QUANT4, _QUANT_SEARCH, _GEMV4, _XENT, _RMSNORM], cmdclass={"build_ext": OptionalBuildExt})

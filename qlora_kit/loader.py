@@ -22,6 +22,7 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 from qlora_kit.safetensors_io import TensorInfo, TensorReader, iter_by_file, read_config_json, tensor_index
 from qlora_kit.errors import CheckpointError
 from qlora_kit.lora import LoraConfig, QLinear, add_lora, use_decode_head
+from qlora_kit.rmsnorm import use_native_rms_norm
 from qlora_kit.quant import QuantConfig, QuantizedWeight, stored_quant_config
 from qlora_kit.targets import Target, prefix_variants
 
@@ -243,6 +244,7 @@ def load_quantized(
     model.requires_grad_(False)
     model.eval()
     use_decode_head(model)
+    use_native_rms_norm(model)
     if lora is not None:
         add_lora(model, lora, adapter_name)
     model.qlora_quant = quant

@@ -403,6 +403,10 @@ def test_native_kernels_are_built_where_required():
     from qlora_kit import loss
 
     assert loss._XENT is not None, _native.load_library("_xent", "xe_abi_version", loss.XENT_ABI_VERSION)[1]
+    from qlora_kit import rmsnorm
+
+    why = _native.load_library("_rmsnorm", "rn_abi_version", rmsnorm.RMSNORM_ABI_VERSION)[1]
+    assert rmsnorm._RMSNORM is not None, why
 
 
 def _build(tmp_path, source: str, *flags: str):

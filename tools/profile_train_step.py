@@ -4,7 +4,7 @@ The model and data are tools/bench_train.py's workspace (a Llama-shaped random-w
 Trainer._step, exactly what `qlora-kit train` runs (autocast, loss, backward with gradient checkpointing, clipping,
 optimizer). Prints the top operators by self CPU time, and the share of a few groups of them.
 
-    python tools/profile_train_step.py                       # 3 profiled steps after 1 warmup, packing on
+    python tools/profile_train_step.py                       # 3 profiled steps after 3 warmup, packing on
     python tools/profile_train_step.py --no-packing --steps 2
 """
 
@@ -42,6 +42,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lengths", choices=("lognormal", "uniform"), default="lognormal")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=3,
+                   help="steps run before profiling: the first ones fault in fresh memory (tens of ms a step)")
     p.add_argument("--no-packing", action="store_true")
     args = p.parse_args(argv)
     args.model = args.data = None
@@ -66,7 +68,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="profile-", dir=args.workdir) as out:
         recipe = load_recipe({
             "model": str(model_dir), "dataset": {"path": str(data), "format": "alpaca"}, "output_dir": out,
-            "max_steps": args.steps + 1, "batch_size": args.batch_size, "max_seq_len": args.max_seq_len,
+            "max_steps": args.steps + args.warmup, "batch_size": args.batch_size, "max_seq_len": args.max_seq_len,
             "packing": not args.no_packing, "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
             "optimizer": "adamw", "lr_scheduler": "constant", "gradient_checkpointing": True,
             "compute_dtype": "bfloat16",
@@ -74,7 +76,8 @@ def main(argv=None) -> int:
         trainer = Trainer(recipe, progress=False)
         trainer.model.train()
         batches = iter(trainer.batches)
-        trainer._step(batches)  # warmup: first-call costs stay out
+        for _ in range(args.warmup):  # first-call costs and first touches of memory stay out
+            trainer._step(batches)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(args.steps):
                 trainer._step(batches)

@@ -6,7 +6,7 @@
  * in backward the same again under autograd, nll_loss's backward (a zeroed fp32 chunk and a scatter),
  * log_softmax's backward, and a copy back to bf16 -- seven passes over an fp32 chunk, where a 49k-vocabulary
  * step of 421 trained tokens spent 10 ms forward and 75-170 ms backward on 2 cores. Here each pass reads the
- * row once (and the second time from cache); exp is vectorized below.
+ * row once (and the second time from cache); exp is vectorized (vecmath.h).
  *
  * The arithmetic is torch's, operation for operation, in the same order: max; s = sum exp(x - max);
  * o = (x - max) - log s; loss = -o[target]; gradient p * g at every column, -g + p * g at the target, where
@@ -22,73 +22,37 @@
 #include <stdint.h>
 
 #include "clones.h"
-#include "fpbits.h"
 #include "parallel.h"
+#include "vecmath.h"
 
 #define XE_ABI_VERSION 1
 
 
-enum { XE_F32 = 0, XE_BF16 = 1, XE_F16 = 2 };
 enum { XE_LANES = 16 };               /* partial sums and maxima: one AVX-512 register's floats */
 enum { XE_MIN_PER_THREAD = 1 << 16 }; /* logits per thread below which a second thread costs more than it saves */
 
 int xe_abi_version(void) { return XE_ABI_VERSION; }
 
-/* Helpers are forced inline, so each target clone below compiles them for its own instruction set. */
-#define XE_INLINE static inline __attribute__((always_inline))
-
-/* e^x for x <= 0 (x - max is never above 0), 0 below the smallest normal float's log (torch gives a subnormal
- * or 0 there: nothing a softmax can tell apart). Cody-Waite reduction by ln 2 and Cephes' degree-6 polynomial;
- * the rounding to n is the 1.5 * 2^23 trick, exact in IEEE order. Branch-free, so gcc vectorizes callers. */
-XE_INLINE float exp_nonpositive(float x) {
-    const float lo = -87.33654f;                      /* ln(2^-126) */
-    const float xc = x < lo ? lo : x;
-    const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    float r = xc - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    const float y = p * r * r + r + 1.0f;
-    const float e = y * from_bits((uint32_t)((int32_t)n + 127) << 23);
-    return x < lo ? 0.0f : e;
-}
-
-XE_INLINE float load(const void *src, int dtype, int64_t i) {
-    if (dtype == XE_BF16) return from_bits((uint32_t)((const uint16_t *)src)[i] << 16);
-    if (dtype == XE_F16) return f16_to_f32(((const uint16_t *)src)[i]);
-    return ((const float *)src)[i];
-}
-
-XE_INLINE void store(void *dst, int dtype, int64_t i, float v) {
-    if (dtype == XE_BF16) ((uint16_t *)dst)[i] = f32_to_bf16(v);
-    else if (dtype == XE_F16) ((uint16_t *)dst)[i] = f32_to_f16(v);
-    else ((float *)dst)[i] = v;
-}
-
 /* One row's max and sum of exp(x - max), over 16 lanes; the tail (vocab % 16) goes to lane 0 for the max and
  * to the lanes in turn for the sum. */
-XE_INLINE void row_stats(const void *row, int dtype, int64_t vocab, float *max_out, float *sum_out) {
+VM_INLINE void row_stats(const void *row, int dtype, int64_t vocab, float *max_out, float *sum_out) {
     float m[XE_LANES], s[XE_LANES];
     for (int l = 0; l < XE_LANES; l++) m[l] = -INFINITY, s[l] = 0.0f;
     const int64_t full = vocab - vocab % XE_LANES;
     for (int64_t j = 0; j < full; j += XE_LANES)
         for (int l = 0; l < XE_LANES; l++) {
-            const float v = load(row, dtype, j + l);
+            const float v = load_f(row, dtype, j + l);
             m[l] = v > m[l] ? v : m[l];
         }
     for (int64_t j = full; j < vocab; j++) {
-        const float v = load(row, dtype, j);
+        const float v = load_f(row, dtype, j);
         m[0] = v > m[0] ? v : m[0];
     }
     float mx = m[0];
     for (int l = 1; l < XE_LANES; l++) mx = m[l] > mx ? m[l] : mx;
     for (int64_t j = 0; j < full; j += XE_LANES)
-        for (int l = 0; l < XE_LANES; l++) s[l] += exp_nonpositive(load(row, dtype, j + l) - mx);
-    for (int64_t j = full; j < vocab; j++) s[j - full] += exp_nonpositive(load(row, dtype, j) - mx);
+        for (int l = 0; l < XE_LANES; l++) s[l] += exp_nonpositive(load_f(row, dtype, j + l) - mx);
+    for (int64_t j = full; j < vocab; j++) s[j - full] += exp_nonpositive(load_f(row, dtype, j) - mx);
     float sum = 0.0f;
     for (int l = 0; l < XE_LANES; l++) sum += s[l];
     *max_out = mx;
@@ -97,10 +61,10 @@ XE_INLINE void row_stats(const void *row, int dtype, int64_t vocab, float *max_o
 
 /* The row loops take the dtype as a constant (each is inlined into one specialisation per dtype below), so
  * the loads and stores inside them compile to straight vector code. */
-XE_INLINE void forward_body(const void *restrict logits, const int dtype, int64_t vocab,
+VM_INLINE void forward_body(const void *restrict logits, const int dtype, int64_t vocab,
                             const int64_t *restrict targets, int64_t r0, int64_t r1, float *restrict stats,
                             float *restrict loss) {
-    const int64_t width = dtype == XE_F32 ? 4 : 2;
+    const int64_t width = dtype == DT_F32 ? 4 : 2;
     for (int64_t r = r0; r < r1; r++) {
         const void *row = (const char *)logits + r * vocab * width;
         float mx, sum;
@@ -108,43 +72,43 @@ XE_INLINE void forward_body(const void *restrict logits, const int dtype, int64_
         const float logsum = logf(sum);
         stats[2 * r] = mx;
         stats[2 * r + 1] = logsum;
-        loss[r] = -((load(row, dtype, targets[r]) - mx) - logsum);
+        loss[r] = -((load_f(row, dtype, targets[r]) - mx) - logsum);
     }
 }
 
-XE_INLINE void backward_body(const void *restrict logits, const int dtype, int64_t vocab,
+VM_INLINE void backward_body(const void *restrict logits, const int dtype, int64_t vocab,
                              const int64_t *restrict targets, const float *restrict stats, float grad, int64_t r0,
                              int64_t r1, void *restrict out) {
-    const int64_t width = dtype == XE_F32 ? 4 : 2;
+    const int64_t width = dtype == DT_F32 ? 4 : 2;
     for (int64_t r = r0; r < r1; r++) {
         const void *restrict row = (const char *)logits + r * vocab * width;
         void *restrict dst = (char *)out + r * vocab * width;
         const float mx = stats[2 * r], logsum = stats[2 * r + 1];
         for (int64_t j = 0; j < vocab; j++)
-            store(dst, dtype, j, exp_nonpositive((load(row, dtype, j) - mx) - logsum) * grad);
+            store_f(dst, dtype, j, exp_nonpositive((load_f(row, dtype, j) - mx) - logsum) * grad);
         const int64_t t = targets[r];
-        store(dst, dtype, t, -grad + exp_nonpositive((load(row, dtype, t) - mx) - logsum) * grad);
+        store_f(dst, dtype, t, -grad + exp_nonpositive((load_f(row, dtype, t) - mx) - logsum) * grad);
     }
 }
 
 KERNEL_CLONES
 static void forward_rows(const void *logits, int dtype, int64_t vocab, const int64_t *targets, int64_t r0,
                          int64_t r1, float *stats, float *loss) {
-    if (dtype == XE_BF16) forward_body(logits, XE_BF16, vocab, targets, r0, r1, stats, loss);
-    else if (dtype == XE_F16) forward_body(logits, XE_F16, vocab, targets, r0, r1, stats, loss);
-    else forward_body(logits, XE_F32, vocab, targets, r0, r1, stats, loss);
+    if (dtype == DT_BF16) forward_body(logits, DT_BF16, vocab, targets, r0, r1, stats, loss);
+    else if (dtype == DT_F16) forward_body(logits, DT_F16, vocab, targets, r0, r1, stats, loss);
+    else forward_body(logits, DT_F32, vocab, targets, r0, r1, stats, loss);
 }
 
 KERNEL_CLONES
 static void backward_rows(const void *logits, int dtype, int64_t vocab, const int64_t *targets, const float *stats,
                           float grad, int64_t r0, int64_t r1, void *out) {
-    if (dtype == XE_BF16) backward_body(logits, XE_BF16, vocab, targets, stats, grad, r0, r1, out);
-    else if (dtype == XE_F16) backward_body(logits, XE_F16, vocab, targets, stats, grad, r0, r1, out);
-    else backward_body(logits, XE_F32, vocab, targets, stats, grad, r0, r1, out);
+    if (dtype == DT_BF16) backward_body(logits, DT_BF16, vocab, targets, stats, grad, r0, r1, out);
+    else if (dtype == DT_F16) backward_body(logits, DT_F16, vocab, targets, stats, grad, r0, r1, out);
+    else backward_body(logits, DT_F32, vocab, targets, stats, grad, r0, r1, out);
 }
 
 static int valid(int dtype, int64_t rows, int64_t vocab, const int64_t *targets) {
-    if ((dtype != XE_F32 && dtype != XE_BF16 && dtype != XE_F16) || rows < 0 || vocab <= 0) return 0;
+    if ((dtype != DT_F32 && dtype != DT_BF16 && dtype != DT_F16) || rows < 0 || vocab <= 0) return 0;
     for (int64_t r = 0; r < rows; r++)
         if (targets[r] < 0 || targets[r] >= vocab) return 0;
     return 1;
