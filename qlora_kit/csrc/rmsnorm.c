@@ -111,7 +111,7 @@ static int valid_pair(int xdt, int wdt) {
 /* y [rows, d] (dtype: w's when w is 32-bit, else x's) = RMSNorm of x [rows, d] with weight w [d]; rstd[r] = the
  * row's 1 / sqrt(mean square + eps). Returns 0, or -1 for a dtype pair it does not take (nothing written). */
 int rn_forward(const void *x, int xdt, const void *w, int wdt, float eps, int64_t rows, int64_t d, void *y,
-                        float *rstd, int nthreads) {
+               float *rstd, int nthreads) {
     if (!valid_pair(xdt, wdt) || rows < 0 || d <= 0) return -1;
 #pragma omp parallel num_threads(workers(rows * d, rows, nthreads, RN_MIN_PER_THREAD))
     {
@@ -123,8 +123,8 @@ int rn_forward(const void *x, int xdt, const void *w, int wdt, float eps, int64_
 }
 
 /* gx [rows, d] in x's dtype = the gradient through rn_forward of g (its output's dtype), from its rstd. */
-int rn_backward(const void *x, int xdt, const void *w, int wdt, const void *g, const float *rstd,
-                         int64_t rows, int64_t d, void *gx, int nthreads) {
+int rn_backward(const void *x, int xdt, const void *w, int wdt, const void *g, const float *rstd, int64_t rows,
+                int64_t d, void *gx, int nthreads) {
     if (!valid_pair(xdt, wdt) || rows < 0 || d <= 0) return -1;
 #pragma omp parallel num_threads(workers(rows * d, rows, nthreads, RN_MIN_PER_THREAD))
     {

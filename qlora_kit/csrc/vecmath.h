@@ -31,9 +31,13 @@ VM_INLINE float round_to(int dtype, float v) {
     return v;
 }
 
-/* Cephes' expf core for |r| <= ln2 / 2 after Cody-Waite reduction by ln 2: e^x = 2^n * p(r), within 2 ulp of the
- * true value (torch's Sleef exp is within 1). The rounding to n is the 1.5 * 2^23 trick, exact in IEEE order. */
-VM_INLINE float exp_poly(float xc, float *n_out) {
+/* e^x for x <= 0 (a softmax's x - max), 0 below the smallest normal float's log (torch gives a subnormal or 0
+ * there: nothing a softmax can tell apart). Cody-Waite reduction by ln 2 and Cephes' degree-6 polynomial, within
+ * 2 ulp (torch's Sleef exp: 1); the rounding to n is the 1.5 * 2^23 trick, exact in IEEE order. Branch-free, so
+ * gcc vectorizes callers. */
+VM_INLINE float exp_nonpositive(float x) {
+    const float lo = -87.33654f; /* ln(2^-126) */
+    const float xc = x < lo ? lo : x;
     const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
     float r = xc - n * 0.693359375f;
     r = r - n * -2.12194440e-4f;
@@ -43,15 +47,7 @@ VM_INLINE float exp_poly(float xc, float *n_out) {
     p = p * r + 4.1665795894e-2f;
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
-    *n_out = n;
-    return p * r * r + r + 1.0f;
-}
-
-/* e^x for x <= 0 (a softmax's x - max), 0 below the smallest normal float's log. */
-VM_INLINE float exp_nonpositive(float x) {
-    const float lo = -87.33654f; /* ln(2^-126) */
-    float n;
-    const float y = exp_poly(x < lo ? lo : x, &n);
+    const float y = p * r * r + r + 1.0f;
     const float e = y * from_bits((uint32_t)((int32_t)n + 127) << 23);
     return x < lo ? 0.0f : e;
 }
